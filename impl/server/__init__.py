@@ -1,0 +1,61 @@
+"""The execstream reference server and the executor API for engines that embed it.
+
+Run it: ``async with ExecServer(ServerSettings(listen="127.0.0.1:0")) as server: ...``.
+Embed it: create an :class:`ExecAttachable`, ``add_to_server`` your ``grpc.aio.Server``, and
+hand execs over with ``attachable.executor.register(...)`` (see :class:`Executor`).
+"""
+
+from ._errors import ErrorCode, ExecError
+from ._executor import ExecHandle, Executor, TeeWriter
+from ._log import MAX_CHUNK, Chunk, Cursor, ExecLog, Read, SequencedLog, Stream
+from ._process import ExecSpec, ProcessExec, ProcessRuntime, ResourceSample
+from ._registry import (
+    ContainerRecord,
+    EventLog,
+    ExecControls,
+    ExecRecord,
+    LifecycleEvent,
+    Limits,
+    Registry,
+)
+from ._runner import ProcessRunner
+from ._server import ExecAttachable, ExecServer, RetentionSweeper, ServerSettings
+from ._service import STATUS_OF, ExecService, parse_signal
+from ._state import ExecEvent, ExecState, IllegalTransition
+
+__all__ = [
+    "MAX_CHUNK",
+    "STATUS_OF",
+    "Chunk",
+    "ContainerRecord",
+    "Cursor",
+    "ErrorCode",
+    "EventLog",
+    "ExecAttachable",
+    "ExecControls",
+    "ExecError",
+    "ExecEvent",
+    "ExecHandle",
+    "ExecLog",
+    "ExecRecord",
+    "ExecServer",
+    "ExecService",
+    "ExecSpec",
+    "ExecState",
+    "Executor",
+    "IllegalTransition",
+    "LifecycleEvent",
+    "Limits",
+    "ProcessExec",
+    "ProcessRunner",
+    "ProcessRuntime",
+    "Read",
+    "Registry",
+    "ResourceSample",
+    "RetentionSweeper",
+    "SequencedLog",
+    "ServerSettings",
+    "Stream",
+    "TeeWriter",
+    "parse_signal",
+]

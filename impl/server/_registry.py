@@ -1,0 +1,390 @@
+"""The registry: every container and exec the server knows, their limits and their events.
+
+Theory of operation.  Execs are keyed by (container ID, exec ID) and grouped by container; a
+container exists while it has at least one exec (PROTOCOL 11.2).  Every change of an exec's
+state goes through :func:`_state.next_state` and is published as a lifecycle event in one
+server-wide :class:`EventLog` (PROTOCOL 8).  Clients attach to an exec's :class:`ExecLog`
+through a cursor; the registry counts them against the per-exec limit (PROTOCOL 13.1).
+Removal after retention is decided here (``expired``) and carried out by the caller's sweep.
+
+No I/O and no asyncio or grpc imports; the clock is injected so tests control time.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Awaitable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from ._errors import ErrorCode, ExecError
+from ._log import Chunk, Cursor, ExecLog, SequencedLog
+from ._state import ExecEvent, ExecState, next_state
+
+__all__ = [
+    "Clock",
+    "ContainerRecord",
+    "EventLog",
+    "ExecControls",
+    "ExecRecord",
+    "LifecycleEvent",
+    "Limits",
+    "Registry",
+    "SystemClock",
+    "validate_id",
+]
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def validate_id(field: str, value: str) -> str:
+    """PROTOCOL 2.1: IDs are 1-128 characters of ``A-Za-z0-9_.-``, starting alphanumeric."""
+    if not value:
+        raise ExecError(ErrorCode.INVALID_ARGUMENT, f"{field} is required")
+    if not _ID.fullmatch(value):
+        raise ExecError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"{field} {value[:140]!r} is not 1-128 characters of A-Z a-z 0-9 _ . - "
+            "starting with a letter or digit",
+        )
+    return value
+
+
+class Clock(Protocol):
+    def wall_ns(self) -> int: ...
+    def monotonic(self) -> float: ...
+
+
+class SystemClock:
+    def wall_ns(self) -> int:
+        return time.time_ns()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Server settings that bound what clients can make the server hold (PROTOCOL 13.1)."""
+
+    max_execs: int = 1024
+    max_execs_per_container: int = 128
+    max_clients_per_exec: int = 64
+    max_subscribers: int = 256
+    history_bytes: int = 4 * 1024 * 1024
+    event_history: int = 4096
+    stdin_bytes: int = 1024 * 1024
+
+
+class ExecControls(Protocol):
+    """What a runtime lets clients do to a running exec through its session (PROTOCOL 7)."""
+
+    def write_stdin(self, data: bytes) -> Awaitable[None]: ...
+    def close_stdin(self) -> None: ...
+    def resize(self, width: int, height: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleEvent:
+    """One ``ContainerLifecycleEvent`` (PROTOCOL 8.1)."""
+
+    sequence: int
+    timestamp_ns: int
+    container_id: str
+    exec_id: str
+    event_type: str
+    status: str
+    exit_code: int = 0
+    message: str = ""
+
+
+class EventLog(SequencedLog[LifecycleEvent]):
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity, lambda _event: 1)
+
+    def emit(
+        self,
+        timestamp_ns: int,
+        container_id: str,
+        exec_id: str,
+        event_type: str,
+        status: str,
+        exit_code: int = 0,
+        message: str = "",
+    ) -> LifecycleEvent:
+        event = LifecycleEvent(
+            self.next_sequence,
+            timestamp_ns,
+            container_id,
+            exec_id,
+            event_type,
+            status,
+            exit_code,
+            message,
+        )
+        self._append(event)
+        self._notify()
+        return event
+
+
+class ExecRecord:
+    """One exec: its state, its output log and what clients may do to it."""
+
+    def __init__(
+        self,
+        container: ContainerRecord,
+        exec_id: str,
+        *,
+        tty: bool,
+        history_bytes: int,
+        registered_at_ns: int,
+    ) -> None:
+        self.container = container
+        self.exec_id = exec_id
+        self.tty = tty
+        self.state = ExecState.PENDING
+        self.log = ExecLog(history_bytes)
+        self.registered_at_ns = registered_at_ns
+        self.started_at_ns = 0
+        self.finished_at_ns: int | None = None
+        self.exited_at: float | None = None  # monotonic, for retention
+        self.clients = 0
+        self.controls: ExecControls | None = None
+        self.stdin_closed = False
+        self.terminal_size: tuple[int, int] | None = (80, 24) if tty else None
+
+    @property
+    def container_id(self) -> str:
+        return self.container.container_id
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.log.exit_code
+
+    def __repr__(self) -> str:
+        return f"<exec {self.container_id}/{self.exec_id} {self.state.value}>"
+
+
+class ContainerRecord:
+    def __init__(self, container_id: str) -> None:
+        self.container_id = container_id
+        self.execs: dict[str, ExecRecord] = {}  # registration order
+        self.paused = False
+
+    @property
+    def state(self) -> ExecState:
+        """PROTOCOL 9.2, derived from the execs so it cannot disagree with them."""
+        states = [e.state for e in self.execs.values()]
+        if self.paused:
+            return ExecState.PAUSED
+        if ExecState.RUNNING in states or ExecState.PAUSED in states:
+            return ExecState.RUNNING
+        if states and all(s is ExecState.EXITED for s in states):
+            return ExecState.EXITED
+        return ExecState.PENDING
+
+    def last_exited(self) -> ExecRecord | None:
+        exited = [e for e in self.execs.values() if e.finished_at_ns is not None]
+        return max(exited, key=lambda e: e.finished_at_ns or 0, default=None)
+
+    def first_started(self) -> ExecRecord | None:
+        started = [e for e in self.execs.values() if e.started_at_ns]
+        return min(started, key=lambda e: e.started_at_ns, default=None)
+
+
+class Registry:
+    def __init__(self, limits: Limits | None = None, clock: Clock | None = None) -> None:
+        self.limits = limits or Limits()
+        self.clock: Clock = clock or SystemClock()
+        self.events = EventLog(self.limits.event_history)
+        self._containers: dict[str, ContainerRecord] = {}
+        self._exec_count = 0
+        self.subscribers = 0
+
+    # -- lookup ---------------------------------------------------------------------------
+
+    def container(self, container_id: str) -> ContainerRecord:
+        validate_id("container_id", container_id)
+        try:
+            return self._containers[container_id]
+        except KeyError:
+            raise ExecError(ErrorCode.NOT_FOUND, f"container {container_id!r} not found") from None
+
+    def get(self, container_id: str, exec_id: str) -> ExecRecord:
+        container = self.container(container_id)
+        validate_id("exec_id", exec_id)
+        try:
+            return container.execs[exec_id]
+        except KeyError:
+            raise ExecError(
+                ErrorCode.NOT_FOUND, f"exec {exec_id!r} not found in container {container_id!r}"
+            ) from None
+
+    def find(self, container_id: str, exec_id: str) -> ExecRecord | None:
+        container = self._containers.get(container_id)
+        return container.execs.get(exec_id) if container else None
+
+    def __iter__(self) -> Iterator[ExecRecord]:
+        for container in list(self._containers.values()):
+            yield from list(container.execs.values())
+
+    # -- transitions ----------------------------------------------------------------------
+
+    def register(self, container_id: str, exec_id: str, *, tty: bool = False) -> ExecRecord:
+        """A new exec, ``PENDING``; ALREADY_EXISTS while one with these IDs is retained."""
+        validate_id("container_id", container_id)
+        validate_id("exec_id", exec_id)
+        container = self._containers.get(container_id)
+        if container is not None and exec_id in container.execs:
+            raise ExecError(
+                ErrorCode.ALREADY_EXISTS,
+                f"exec {exec_id!r} already exists in container {container_id!r}",
+            )
+        if container is not None and container.paused:
+            raise ExecError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"container {container_id!r} is paused: resume it before creating execs",
+            )
+        if self._exec_count >= self.limits.max_execs:
+            raise ExecError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"the server holds {self._exec_count} execs, its limit (max_execs)",
+            )
+        if container is not None and len(container.execs) >= self.limits.max_execs_per_container:
+            raise ExecError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"container {container_id!r} holds {len(container.execs)} execs, the limit "
+                "(max_execs_per_container)",
+            )
+        now = self.clock.wall_ns()
+        if container is None:
+            container = self._containers[container_id] = ContainerRecord(container_id)
+            self.events.emit(now, container_id, "", "created", ExecState.PENDING.value)
+        record = ExecRecord(
+            container,
+            exec_id,
+            tty=tty,
+            history_bytes=self.limits.history_bytes,
+            registered_at_ns=now,
+        )
+        container.execs[exec_id] = record
+        self._exec_count += 1
+        self.events.emit(now, container_id, exec_id, "registered", record.state.value)
+        return record
+
+    def _move(self, record: ExecRecord, event: ExecEvent) -> None:
+        record.state = next_state(record.state, event)
+
+    def mark_started(self, record: ExecRecord) -> None:
+        self._move(record, ExecEvent.START)
+        record.started_at_ns = self.clock.wall_ns()
+        self.events.emit(
+            record.started_at_ns, record.container_id, record.exec_id, "started", record.state.value
+        )
+
+    def mark_exited(self, record: ExecRecord, exit_code: int, message: str = "") -> None:
+        """PROTOCOL 5.1: close the log after its last chunk; retention starts now."""
+        self._move(record, ExecEvent.EXIT)
+        record.finished_at_ns = self.clock.wall_ns()
+        record.exited_at = self.clock.monotonic()
+        record.log.close(exit_code)
+        self.events.emit(
+            record.finished_at_ns,
+            record.container_id,
+            record.exec_id,
+            "exited",
+            record.state.value,
+            exit_code,
+            message,
+        )
+
+    def remove(self, record: ExecRecord) -> None:
+        """PROTOCOL 11.2: forget the exec; the container goes with its last exec."""
+        self._move(record, ExecEvent.REMOVE)
+        container = record.container
+        del container.execs[record.exec_id]
+        self._exec_count -= 1
+        now = self.clock.wall_ns()
+        self.events.emit(
+            now, container.container_id, record.exec_id, "unregistered", record.state.value
+        )
+        if not container.execs:
+            del self._containers[container.container_id]
+            self.events.emit(now, container.container_id, "", "removed", ExecState.REMOVED.value)
+
+    def pause(self, container: ContainerRecord) -> None:
+        """PROTOCOL 10.1 preconditions and state; the caller stops the processes first."""
+        if container.paused:
+            raise ExecError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"container {container.container_id!r} is already paused",
+            )
+        running = [e for e in container.execs.values() if e.state is ExecState.RUNNING]
+        if not running:
+            raise ExecError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"container {container.container_id!r} has no running exec",
+            )
+        for record in running:
+            self._move(record, ExecEvent.PAUSE)
+        container.paused = True
+        self.events.emit(
+            self.clock.wall_ns(), container.container_id, "", "paused", container.state.value
+        )
+
+    def check_paused(self, container: ContainerRecord) -> None:
+        if not container.paused:
+            raise ExecError(
+                ErrorCode.FAILED_PRECONDITION, f"container {container.container_id!r} is not paused"
+            )
+
+    def resume(self, container: ContainerRecord) -> None:
+        """PROTOCOL 10.2; the caller has let the processes run again."""
+        self.check_paused(container)
+        for record in container.execs.values():
+            if record.state is ExecState.PAUSED:
+                self._move(record, ExecEvent.RESUME)
+        container.paused = False
+        self.events.emit(
+            self.clock.wall_ns(), container.container_id, "", "resumed", container.state.value
+        )
+
+    # -- retention ------------------------------------------------------------------------
+
+    def expired(self, retention: float) -> list[ExecRecord]:
+        """Exited execs whose retention (seconds since exit) has passed (PROTOCOL 11.2)."""
+        now = self.clock.monotonic()
+        return [
+            record
+            for record in self
+            if record.exited_at is not None and now - record.exited_at >= retention
+        ]
+
+    # -- clients --------------------------------------------------------------------------
+
+    def attach(self, record: ExecRecord, replay_from_sequence: int) -> Cursor[Chunk]:
+        """A cursor for one client (PROTOCOL 6.1); RESOURCE_EXHAUSTED past the limit."""
+        if record.clients >= self.limits.max_clients_per_exec:
+            raise ExecError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"exec {record.exec_id!r} has {record.clients} clients, the limit "
+                "(max_clients_per_exec)",
+            )
+        cursor = Cursor(record.log, replay_from_sequence)
+        record.clients += 1
+        return cursor
+
+    def detach(self, record: ExecRecord) -> None:
+        record.clients -= 1
+
+    def subscribe(self) -> None:
+        if self.subscribers >= self.limits.max_subscribers:
+            raise ExecError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"{self.subscribers} lifecycle subscribers, the limit (max_subscribers)",
+            )
+        self.subscribers += 1
+
+    def unsubscribe(self) -> None:
+        self.subscribers -= 1

@@ -1,0 +1,553 @@
+"""The grpc.aio glue: the ``dagger.exec.Exec`` servicer over the registry and the runner.
+
+Thin on purpose.  Each handler checks the token, turns the request into calls on the core,
+and turns the core's :class:`ExecError` into a status code through one table
+(``STATUS_OF``); anything else is logged and becomes ``UNKNOWN "Internal Server Error"``
+(PROTOCOL 14.1).  Each Session client is served by its own handler reading the exec's log at
+its own cursor, so a client that does not read delays nobody (PROTOCOL 6.6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import itertools
+import logging
+import os
+import signal as signal_module
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import betterproto2
+import grpc
+import grpc.aio
+
+from execstream import wire
+
+from ._errors import ErrorCode, ExecError
+from ._log import MAX_CHUNK, Chunk, Cursor, Stream
+from ._registry import ExecRecord, LifecycleEvent, Registry, validate_id
+from ._runner import ProcessRunner
+from ._state import ExecState
+
+__all__ = ["STATUS_OF", "ExecService", "parse_signal"]
+
+log = logging.getLogger("execstream.server")
+
+STATUS_OF: dict[ErrorCode, grpc.StatusCode] = {
+    ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorCode.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.OUT_OF_RANGE: grpc.StatusCode.OUT_OF_RANGE,
+    ErrorCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.INTERNAL: grpc.StatusCode.UNKNOWN,
+}
+
+#: How many bytes of output one client's writer takes from the log per wake-up.
+_READ_BATCH = 16 * MAX_CHUNK
+
+_Ctx = grpc.aio.ServicerContext[Any, Any]
+_R = TypeVar("_R")
+
+
+def parse_signal(name: str) -> int:
+    """PROTOCOL 10.3: a signal name with or without ``SIG``, any case."""
+    bare = name.strip().upper().removeprefix("SIG")
+    if not bare or bare.startswith("_"):
+        raise ExecError(ErrorCode.INVALID_ARGUMENT, f"unknown signal {name!r}")
+    try:
+        return int(signal_module.Signals["SIG" + bare])
+    except KeyError:
+        raise ExecError(ErrorCode.INVALID_ARGUMENT, f"unknown signal {name!r}") from None
+
+
+_INTERNAL = ExecError(ErrorCode.INTERNAL, "Internal Server Error")
+
+
+async def _abort(context: _Ctx, error: ExecError) -> NoReturn:
+    await context.abort(STATUS_OF[error.code], error.message)
+    raise AssertionError("unreachable: abort raises")
+
+
+class ExecService:
+    """Implements :class:`execstream.wire.ExecServicer`."""
+
+    def __init__(
+        self, registry: Registry, runner: ProcessRunner | None, *, token: str | None = None
+    ) -> None:
+        self.registry = registry
+        self.runner = runner
+        self._token = token.encode() if token else None
+        self._session_ids = itertools.count(1)
+        self._session_prefix = os.urandom(4).hex()
+        self._closing = False
+        self._wakes: set[asyncio.Event] = set()
+
+    def begin_shutdown(self) -> None:
+        """PROTOCOL 13.2: every open stream ends with UNAVAILABLE at its next step."""
+        self._closing = True
+        for wake in list(self._wakes):
+            wake.set()
+
+    # -- shared -------------------------------------------------------------------------
+
+    def _authorize(self, context: _Ctx) -> None:
+        """PROTOCOL 12.1: Bearer or Basic(any user, token), compared in constant time."""
+        if self._token is None:
+            return
+        offered = b""
+        for key, value in context.invocation_metadata() or ():
+            if key != "authorization":
+                continue
+            text = value.decode(errors="replace") if isinstance(value, bytes) else value
+            scheme, _, credential = text.strip().partition(" ")
+            if scheme.lower() == "bearer":
+                offered = credential.strip().encode()
+            elif scheme.lower() == "basic":
+                try:
+                    decoded = base64.b64decode(credential.strip(), validate=True)
+                except ValueError:
+                    decoded = b""
+                offered = decoded.partition(b":")[2]
+        if not hmac.compare_digest(offered, self._token):
+            raise ExecError(
+                ErrorCode.UNAUTHENTICATED,
+                "missing or wrong token: send 'authorization: Bearer <token>' metadata",
+            )
+
+    def _admit(self, context: _Ctx) -> None:
+        self._authorize(context)
+        if self._closing:
+            raise ExecError(ErrorCode.UNAVAILABLE, "server shutting down")
+
+    async def _unary(self, context: _Ctx, call: Callable[[], Awaitable[_R]]) -> _R:
+        try:
+            self._admit(context)
+            return await call()
+        except ExecError as error:
+            failure = error
+        except Exception:
+            log.exception("internal error")
+            failure = _INTERNAL
+        await _abort(context, failure)
+
+    def _check_live(self) -> None:
+        if self._closing:
+            raise ExecError(ErrorCode.UNAVAILABLE, "server shutting down")
+
+    # -- Session ------------------------------------------------------------------------
+
+    async def Session(
+        self,
+        request_iterator: AsyncIterator[wire.SessionRequest],
+        context: grpc.aio.ServicerContext[wire.SessionRequest, wire.SessionResponse],
+    ) -> AsyncIterator[wire.SessionResponse]:
+        record: ExecRecord | None = None
+        failure: ExecError | None = None
+        try:
+            self._admit(context)
+            start = await self._first_start(request_iterator)
+            record, cursor = await self._open(start)
+            session_id = start.session_id or f"{self._session_prefix}-{next(self._session_ids)}"
+            async for response in self._stream(record, cursor, session_id, request_iterator):
+                yield response
+        except ExecError as error:
+            failure = error
+        except Exception:
+            log.exception("internal error in Session")
+            failure = _INTERNAL
+        finally:
+            if record is not None:
+                self.registry.detach(record)
+        if failure is not None:
+            await _abort(context, failure)
+
+    async def _first_start(
+        self, request_iterator: AsyncIterator[wire.SessionRequest]
+    ) -> wire.Start:
+        """PROTOCOL 3.1."""
+        try:
+            first = await anext(aiter(request_iterator))
+        except StopAsyncIteration:
+            raise ExecError(
+                ErrorCode.INVALID_ARGUMENT, "the stream closed before its first message, start"
+            ) from None
+        field, value = betterproto2.which_one_of(first, "msg")
+        if field != "start" or not isinstance(value, wire.Start):
+            raise ExecError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"the first message must be start, got {field or 'an empty message'}",
+            )
+        return value
+
+    async def _open(self, start: wire.Start) -> tuple[ExecRecord, Cursor[Chunk]]:
+        """PROTOCOL 3.2: create or attach; then a cursor for this client (6.1)."""
+        validate_id("container_id", start.container_id)
+        validate_id("exec_id", start.exec_id)
+        if not start.command:
+            record = self.registry.get(start.container_id, start.exec_id)
+            return record, self.registry.attach(record, start.replay_from_sequence)
+        if self.runner is None:
+            raise ExecError(
+                ErrorCode.NOT_FOUND,
+                f"this server does not create execs: exec {start.exec_id!r} not found",
+            )
+        if start.replay_from_sequence > 1:
+            raise ExecError(
+                ErrorCode.OUT_OF_RANGE,
+                f"replay_from_sequence {start.replay_from_sequence} is past the next "
+                "sequence 1 of a new exec",
+            )
+        if self.registry.find(start.container_id, start.exec_id) is not None:
+            raise ExecError(
+                ErrorCode.ALREADY_EXISTS,
+                f"exec {start.exec_id!r} already exists in container {start.container_id!r}",
+            )
+        record = await self.runner.create(
+            start.container_id,
+            start.exec_id,
+            start.command,
+            env=start.env,
+            working_dir=start.working_dir,
+            tty=start.tty,
+        )
+        return record, self.registry.attach(record, 0)
+
+    async def _stream(
+        self,
+        record: ExecRecord,
+        cursor: Cursor[Chunk],
+        session_id: str,
+        request_iterator: AsyncIterator[wire.SessionRequest],
+    ) -> AsyncIterator[wire.SessionResponse]:
+        """PROTOCOL 3.3-6.4 for one client: Ready, replay, Ready, live, exit."""
+        wake = asyncio.Event()
+        failure: list[ExecError] = []
+        log_ = record.log
+        log_.add_listener(wake.set)
+        self._wakes.add(wake)
+        reader = asyncio.create_task(self._read_requests(record, request_iterator, failure, wake))
+        try:
+            boundary = log_.next_sequence  # PROTOCOL 6.3: N, fixed at attach
+            replaying = cursor.position < boundary
+            yield self._ready(record, session_id, not replaying, boundary)
+            gap = 0
+            while True:
+                if failure:
+                    raise failure[0]
+                self._check_live()
+                if replaying and cursor.position >= boundary:
+                    replaying = False
+                    yield self._ready(record, session_id, True, boundary)
+                if not cursor.caught_up:
+                    read = cursor.read(_READ_BATCH, boundary if replaying else None)
+                    gap += read.gap_before
+                    for chunk in read.items:
+                        yield _chunk_response(chunk, chunk.sequence < boundary, gap)
+                        gap = 0
+                    continue
+                if log_.closed:
+                    assert log_.exit_code is not None
+                    yield wire.SessionResponse(exit=log_.exit_code)  # PROTOCOL 5.1
+                    return
+                wake.clear()
+                if cursor.caught_up and not log_.closed and not failure and not self._closing:
+                    await wake.wait()
+        finally:
+            self._wakes.discard(wake)
+            log_.remove_listener(wake.set)
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+
+    @staticmethod
+    def _ready(
+        record: ExecRecord, session_id: str, complete: bool, boundary: int
+    ) -> wire.SessionResponse:
+        size = record.terminal_size
+        return wire.SessionResponse(
+            ready=wire.Ready(
+                session_id=session_id,
+                terminal_size=wire.Resize(Width=size[0], Height=size[1]) if size else None,
+                replay_complete=complete,
+                next_sequence=boundary,
+            )
+        )
+
+    async def _read_requests(
+        self,
+        record: ExecRecord,
+        request_iterator: AsyncIterator[wire.SessionRequest],
+        failure: list[ExecError],
+        wake: asyncio.Event,
+    ) -> None:
+        """The client's messages after start: stdin and resize (PROTOCOL 7)."""
+        try:
+            async for request in request_iterator:
+                field, value = betterproto2.which_one_of(request, "msg")
+                if field == "stdin" and isinstance(value, bytes):
+                    await self._stdin(record, value)
+                elif field == "resize" and isinstance(value, wire.Resize):
+                    self._resize(record, value)
+                elif field == "start":
+                    raise ExecError(ErrorCode.INVALID_ARGUMENT, "start sent twice in a session")
+                else:
+                    raise ExecError(ErrorCode.INVALID_ARGUMENT, "a message with no member set")
+        except ExecError as error:
+            failure.append(error)
+            wake.set()
+
+    async def _stdin(self, record: ExecRecord, data: bytes) -> None:
+        limit = self.registry.limits.stdin_bytes
+        if len(data) > limit:
+            raise ExecError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"stdin message of {len(data)} bytes is over the limit of {limit} bytes",
+            )
+        if record.stdin_closed and data:
+            raise ExecError(ErrorCode.FAILED_PRECONDITION, "stdin was already closed (EOF sent)")
+        controls = record.controls
+        if controls is None:  # exited, or never started by us: PROTOCOL 7.1 discards it
+            return
+        if not data:
+            record.stdin_closed = True
+            controls.close_stdin()
+            return
+        with contextlib.suppress(ExecError):  # the process exited meanwhile: discarded
+            await controls.write_stdin(data)
+
+    def _resize(self, record: ExecRecord, size: wire.Resize) -> None:
+        if not record.tty:
+            raise ExecError(ErrorCode.FAILED_PRECONDITION, "resize on an exec without a TTY")
+        if size.Width <= 0 or size.Height <= 0:
+            raise ExecError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"terminal size must be positive, got {size.Width}x{size.Height}",
+            )
+        record.terminal_size = (size.Width, size.Height)
+        if record.controls is not None:
+            record.controls.resize(size.Width, size.Height)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def ContainerLifecycle(
+        self,
+        request: wire.ContainerLifecycleRequest,
+        context: grpc.aio.ServicerContext[
+            wire.ContainerLifecycleRequest, wire.ContainerLifecycleEvent
+        ],
+    ) -> AsyncIterator[wire.ContainerLifecycleEvent]:
+        failure: ExecError | None = None
+        try:
+            self._admit(context)
+            cursor, last = self._subscribe(request)
+            try:
+                async for event in self._follow(cursor, last, request, context):
+                    yield event
+            finally:
+                self.registry.unsubscribe()
+        except ExecError as error:
+            failure = error
+        except Exception:
+            log.exception("internal error in ContainerLifecycle")
+            failure = _INTERNAL
+        if failure is not None:
+            await _abort(context, failure)
+
+    def _subscribe(
+        self, request: wire.ContainerLifecycleRequest
+    ) -> tuple[Cursor[LifecycleEvent], int]:
+        """PROTOCOL 8.3, 8.4: check the filter, fix the cut, count the subscriber."""
+        if request.exec_id and not request.container_id:
+            raise ExecError(ErrorCode.INVALID_ARGUMENT, "exec_id needs container_id")
+        if request.container_id:
+            validate_id("container_id", request.container_id)
+        if request.exec_id:
+            validate_id("exec_id", request.exec_id)
+        events = self.registry.events
+        last = events.next_sequence - 1
+        start = last + 1
+        if request.replay_from_sequence is not None:
+            start = max(request.replay_from_sequence, 1)
+        cursor = Cursor(events, start)
+        self.registry.subscribe()
+        return cursor, last
+
+    async def _follow(
+        self,
+        cursor: Cursor[LifecycleEvent],
+        last: int,
+        request: wire.ContainerLifecycleRequest,
+        context: _Ctx,
+    ) -> AsyncIterator[wire.ContainerLifecycleEvent]:
+        wake = asyncio.Event()
+        events = cursor.log
+        events.add_listener(wake.set)
+        self._wakes.add(wake)
+        try:
+            await context.send_initial_metadata((("execstream-last-sequence", str(last)),))
+            gap = 0
+            while True:
+                self._check_live()
+                read = cursor.read()
+                gap += read.gap_before  # PROTOCOL 8.5
+                for event in read.items:
+                    if _matches(event, request):
+                        yield _event_message(event, event.sequence <= last, gap)
+                        gap = 0
+                wake.clear()
+                if cursor.caught_up and not self._closing:
+                    await wake.wait()
+        finally:
+            self._wakes.discard(wake)
+            events.remove_listener(wake.set)
+
+    # -- status and control -------------------------------------------------------------
+
+    async def ContainerStatus(
+        self,
+        request: wire.ContainerStatusRequest,
+        context: grpc.aio.ServicerContext[
+            wire.ContainerStatusRequest, wire.ContainerStatusResponse
+        ],
+    ) -> wire.ContainerStatusResponse:
+        def status() -> wire.ContainerStatusResponse:
+            container = self.registry.container(request.container_id)
+            finished: ExecRecord | None
+            if request.exec_id:
+                record = self.registry.get(request.container_id, request.exec_id)
+                state, started, finished = record.state, record.started_at_ns, record
+            else:
+                state = container.state
+                first = container.first_started()
+                started = first.started_at_ns if first else 0
+                finished = container.last_exited()
+            # PROTOCOL 9.3: exit code and finish time exactly when exited.
+            exited = finished if state is ExecState.EXITED else None
+            return wire.ContainerStatusResponse(
+                container_id=request.container_id,
+                exec_id=request.exec_id,
+                status=state.value,
+                exit_code=exited.exit_code if exited else None,
+                started_at=started,
+                finished_at=exited.finished_at_ns if exited else None,
+                resource_usage=(
+                    self._usage(request.container_id, request.exec_id)
+                    if request.include_resource_usage
+                    else None
+                ),
+                exec_ids=list(container.execs),
+            )
+
+        return await self._unary(context, _sync(status))
+
+    def _usage(self, container_id: str, exec_id: str) -> wire.ResourceUsage:
+        if self.runner is None:
+            return wire.ResourceUsage()
+        sample = self.runner.usage(container_id, exec_id)
+        return wire.ResourceUsage(
+            cpu_percent=sample.cpu_percent,
+            memory_bytes=sample.memory_bytes,
+            memory_limit=sample.memory_limit,
+            io_read_bytes=sample.io_read_bytes,
+            io_write_bytes=sample.io_write_bytes,
+        )
+
+    def _runner(self) -> ProcessRunner:
+        if self.runner is None:
+            raise ExecError(ErrorCode.FAILED_PRECONDITION, "this server does not control processes")
+        return self.runner
+
+    async def ContainerPause(
+        self,
+        request: wire.ContainerControlRequest,
+        context: grpc.aio.ServicerContext[
+            wire.ContainerControlRequest, wire.ContainerControlResponse
+        ],
+    ) -> wire.ContainerControlResponse:
+        async def pause() -> wire.ContainerControlResponse:
+            await self._runner().pause(self.registry.container(request.container_id))
+            return wire.ContainerControlResponse(success=True, message="paused")
+
+        return await self._unary(context, pause)
+
+    async def ContainerResume(
+        self,
+        request: wire.ContainerControlRequest,
+        context: grpc.aio.ServicerContext[
+            wire.ContainerControlRequest, wire.ContainerControlResponse
+        ],
+    ) -> wire.ContainerControlResponse:
+        async def resume() -> wire.ContainerControlResponse:
+            await self._runner().resume(self.registry.container(request.container_id))
+            return wire.ContainerControlResponse(success=True, message="resumed")
+
+        return await self._unary(context, resume)
+
+    async def ContainerSignal(
+        self,
+        request: wire.ContainerSignalRequest,
+        context: grpc.aio.ServicerContext[
+            wire.ContainerSignalRequest, wire.ContainerControlResponse
+        ],
+    ) -> wire.ContainerControlResponse:
+        def send() -> wire.ContainerControlResponse:
+            container = self.registry.container(request.container_id)
+            if request.exec_id:
+                self.registry.get(request.container_id, request.exec_id)
+            signum = parse_signal(request.signal)
+            self._runner().signal(container, signum, request.exec_id)
+            name = signal_module.Signals(signum).name
+            return wire.ContainerControlResponse(success=True, message=f"sent {name}")
+
+        return await self._unary(context, _sync(send))
+
+
+def _sync(call: Callable[[], _R]) -> Callable[[], Awaitable[_R]]:
+    async def run() -> _R:
+        return call()
+
+    return run
+
+
+def _chunk_response(chunk: Chunk, is_replay: bool, gap: int) -> wire.SessionResponse:
+    data = chunk.data
+    return wire.SessionResponse(
+        output_chunk=wire.OutputChunk(
+            sequence=chunk.sequence,
+            timestamp=chunk.timestamp_ns,
+            stdout=data if chunk.stream is Stream.STDOUT else None,
+            stderr=data if chunk.stream is Stream.STDERR else None,
+            is_replay=is_replay,
+            gap_before=gap,
+        )
+    )
+
+
+def _matches(event: LifecycleEvent, request: wire.ContainerLifecycleRequest) -> bool:
+    """PROTOCOL 8.3."""
+    if request.container_id and event.container_id != request.container_id:
+        return False
+    return not request.exec_id or event.exec_id == request.exec_id
+
+
+def _event_message(
+    event: LifecycleEvent, is_replay: bool, gap: int
+) -> wire.ContainerLifecycleEvent:
+    return wire.ContainerLifecycleEvent(
+        container_id=event.container_id,
+        exec_id=event.exec_id,
+        event_type=event.event_type,
+        status=event.status,
+        timestamp=event.timestamp_ns,
+        exit_code=event.exit_code,
+        message=event.message,
+        sequence=event.sequence,
+        is_replay=is_replay,
+        gap_before=gap,
+    )

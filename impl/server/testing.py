@@ -1,0 +1,30 @@
+"""A real reference server on a free local port, for tests and the embedded conformance target.
+
+async with serve(retention=2, cleanup_interval=0.5) as server:
+    channel = grpc.aio.insecure_channel(server.address)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ._registry import Limits
+from ._server import ExecServer, ServerSettings
+
+__all__ = ["serve"]
+
+
+@contextlib.asynccontextmanager
+async def serve(*, limits: Limits | None = None, **settings: Any) -> AsyncIterator[ExecServer]:
+    """Start an :class:`ExecServer` on ``127.0.0.1:0`` (unless ``listen`` is given)."""
+    fields = {f.name for f in dataclasses.fields(ServerSettings)}
+    unknown = set(settings) - fields
+    if unknown:
+        raise TypeError(f"unknown server settings: {', '.join(sorted(unknown))}")
+    settings.setdefault("listen", "127.0.0.1:0")
+    config = ServerSettings(limits=limits or Limits(), **settings)
+    async with ExecServer(config) as server:
+        yield server
