@@ -1,0 +1,119 @@
+"""Test helpers: drive Session streams over a real channel and record what came back."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+
+import betterproto2
+import grpc
+import grpc.aio
+
+from execstream import wire
+
+
+@dataclass
+class SessionResult:
+    readies: list[wire.Ready] = field(default_factory=list)
+    chunks: list[wire.OutputChunk] = field(default_factory=list)
+    exit_code: int | None = None
+    order: list[str] = field(default_factory=list)  # "ready", "chunk", "exit" as received
+    code: grpc.StatusCode | None = None
+    details: str = ""
+
+    def stream(self, name: str) -> bytes:
+        return b"".join(getattr(c, name) or b"" for c in self.chunks)
+
+    @property
+    def stdout(self) -> bytes:
+        return self.stream("stdout")
+
+    @property
+    def stderr(self) -> bytes:
+        return self.stream("stderr")
+
+    def assert_contiguous(self, first: int = 1) -> None:
+        expected = first
+        for chunk in self.chunks:
+            assert chunk.gap_before == 0, f"unexpected gap before {chunk.sequence}"
+            assert chunk.sequence == expected, f"got #{chunk.sequence}, expected #{expected}"
+            expected += 1
+
+    def digest(self, name: str) -> str:
+        return hashlib.sha256(self.stream(name)).hexdigest()
+
+
+async def requests(
+    first: wire.SessionRequest | None,
+    more: Iterable[wire.SessionRequest] = (),
+    *,
+    hold: asyncio.Event | None = None,
+) -> AsyncIterator[wire.SessionRequest]:
+    """Send ``first`` and ``more``; then half-close, or stay open until ``hold`` is set."""
+    if first is not None:
+        yield first
+    for request in more:
+        yield request
+    if hold is not None:
+        await hold.wait()
+
+
+def start(container_id: str, exec_id: str, *command: str, **fields: object) -> wire.SessionRequest:
+    return wire.SessionRequest(
+        start=wire.Start(
+            container_id=container_id,
+            exec_id=exec_id,
+            command=list(command),
+            **fields,  # type: ignore[arg-type]
+        )
+    )
+
+
+async def collect(
+    stub: wire.ExecStub,
+    request_stream: AsyncIterator[wire.SessionRequest],
+    *,
+    deadline: float = 60,
+    on_ready: asyncio.Event | None = None,
+) -> SessionResult:
+    """Read a whole session; a non-OK status is recorded, not raised."""
+    result = SessionResult()
+    call = stub.Session(request_stream, timeout=deadline)
+    try:
+        async for response in call:
+            kind, value = betterproto2.which_one_of(response, "msg")
+            if isinstance(value, wire.Ready):
+                result.readies.append(value)
+                result.order.append("ready")
+                if on_ready is not None:
+                    on_ready.set()
+            elif isinstance(value, wire.OutputChunk):
+                result.chunks.append(value)
+                result.order.append("chunk")
+            elif kind == "exit" and isinstance(value, int):
+                result.exit_code = value
+                result.order.append("exit")
+            else:
+                result.order.append(kind or "empty")
+        result.code = grpc.StatusCode.OK
+    except grpc.aio.AioRpcError as error:
+        result.code = error.code()
+        result.details = error.details() or ""
+    return result
+
+
+async def run(
+    stub: wire.ExecStub, container_id: str, exec_id: str, *command: str, **fields: object
+) -> SessionResult:
+    return await collect(stub, requests(start(container_id, exec_id, *command, **fields)))
+
+
+async def attach(
+    stub: wire.ExecStub, container_id: str, exec_id: str, replay_from_sequence: int = 0
+) -> SessionResult:
+    return await collect(
+        stub,
+        requests(start(container_id, exec_id, replay_from_sequence=replay_from_sequence)),
+    )
