@@ -4,11 +4,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+import functools
+import types
+import typing
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeAlias, TypeVar
 
+import betterproto2
 import grpc
 import grpc.aio
 
@@ -36,6 +41,7 @@ __all__ = (
     "Arity",
     "ExecServicer",
     "ExecStub",
+    "MalformedMessage",
     "MetadataType",
     "Method",
     "add_ExecServicer_to_server",
@@ -73,6 +79,137 @@ class Method(Generic[_Req, _Resp]):
     @staticmethod
     def serialize(message: Any) -> bytes:
         return bytes(message)
+
+    def parse_request(self, data: bytes) -> _Req:
+        """Parse strictly: bytes that are not a valid request raise MalformedMessage."""
+        return _parse_strict(self.request_type, data)
+
+
+class MalformedMessage(ValueError):
+    """Bytes that are not a valid message of the expected type (PROTOCOL 2.5)."""
+
+
+def _check_value(value: Any, hint: Any, where: str) -> None:
+    origin = typing.get_origin(hint)
+    if origin is types.UnionType:  # X | None: an optional field or a oneof member
+        if value is None:
+            return
+        (hint,) = [h for h in typing.get_args(hint) if h is not type(None)]
+        origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise MalformedMessage(f"{where} is not repeated")
+        (item,) = typing.get_args(hint)
+        for element in value:
+            _check_value(element, item, where)
+    elif origin is dict:
+        if not isinstance(value, dict):
+            raise MalformedMessage(f"{where} is not a map")
+        key_hint, value_hint = typing.get_args(hint)
+        for key, element in value.items():
+            _check_value(key, key_hint, where)
+            _check_value(element, value_hint, where)
+    elif isinstance(hint, type) and issubclass(hint, betterproto2.Message):
+        if not isinstance(value, hint):
+            raise MalformedMessage(f"{where} is not a {hint.__name__}")
+        _check_message(value)
+    elif hint is float:
+        if not isinstance(value, (float, int)) or isinstance(value, bool):
+            raise MalformedMessage(f"{where} is not a number")
+    elif hint is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise MalformedMessage(f"{where} is not an integer")
+    elif isinstance(hint, type) and not isinstance(value, hint):
+        raise MalformedMessage(f"{where} has the wrong wire type")
+
+
+@functools.cache
+def _hints(message_type: type[Any]) -> dict[str, Any]:
+    return typing.get_type_hints(message_type)
+
+
+def _check_message(message: betterproto2.Message) -> None:
+    message_type = type(message)
+    groups: dict[str, list[str]] = {}
+    for field in dataclasses.fields(message):  # type: ignore[arg-type]
+        where = f"{message_type.__name__}.{field.name}"
+        value = getattr(message, field.name)
+        _check_value(value, _hints(message_type)[field.name], where)
+        group = field.metadata["betterproto"].group
+        if group is not None and value is not None:
+            groups.setdefault(group, []).append(field.name)
+    for group, members in groups.items():
+        if len(members) > 1:
+            raise MalformedMessage(
+                f"{message_type.__name__}.{group} has {len(members)} members set: "
+                + ", ".join(members)
+            )
+
+
+_M = TypeVar("_M")
+
+
+def _parse_strict(message_type: type[_M], data: bytes) -> _M:
+    try:
+        message = message_type.FromString(data)  # type: ignore[attr-defined]
+    except Exception as error:
+        raise MalformedMessage(
+            f"malformed {message_type.__name__}: {type(error).__name__}"
+        ) from None
+    _check_message(message)
+    result: _M = message
+    return result
+
+
+async def _parsed(method: Method[_Req, Any], raw: AsyncIterator[bytes]) -> AsyncIterator[_Req]:
+    async for data in raw:
+        yield method.parse_request(data)
+
+
+def _unary_unary_strict(
+    method: Method[_Req, _Resp], behaviour: Callable[[_Req, Any], Awaitable[_Resp]]
+) -> Callable[[bytes, Any], Awaitable[_Resp]]:
+    async def handle(data: bytes, context: Any) -> _Resp:
+        try:
+            request = method.parse_request(data)
+        except MalformedMessage as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise
+        return await behaviour(request, context)
+
+    return handle
+
+
+def _unary_stream_strict(
+    method: Method[_Req, _Resp], behaviour: Callable[[_Req, Any], AsyncIterator[_Resp]]
+) -> Callable[[bytes, Any], AsyncIterator[_Resp]]:
+    async def handle(data: bytes, context: Any) -> AsyncIterator[_Resp]:
+        try:
+            request = method.parse_request(data)
+        except MalformedMessage as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise
+        async for response in behaviour(request, context):
+            yield response
+
+    return handle
+
+
+def _stream_stream_strict(
+    method: Method[_Req, _Resp],
+    behaviour: Callable[[AsyncIterator[_Req], Any], AsyncIterator[_Resp]],
+) -> Callable[[AsyncIterator[bytes], Any], AsyncIterator[_Resp]]:
+    """A MalformedMessage raised while the servicer reads its requests ends the call with
+    INVALID_ARGUMENT, unless the servicer caught it and chose a status itself."""
+
+    async def handle(raw: AsyncIterator[bytes], context: Any) -> AsyncIterator[_Resp]:
+        try:
+            async for response in behaviour(_parsed(method, raw), context):
+                yield response
+        except MalformedMessage as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+    return handle
 
 
 SESSION: Method[SessionRequest, SessionResponse] = Method(
@@ -184,33 +321,27 @@ def add_ExecServicer_to_server(servicer: ExecServicer, server: grpc.aio.Server) 
     """Serve ``servicer`` as ``dagger.exec.Exec`` on ``server`` (before ``server.start()``)."""
     handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Session": grpc.stream_stream_rpc_method_handler(
-            servicer.Session,
-            request_deserializer=SESSION.request_deserializer,
+            _stream_stream_strict(SESSION, servicer.Session),
             response_serializer=Method.serialize,
         ),
         "ContainerLifecycle": grpc.unary_stream_rpc_method_handler(
-            servicer.ContainerLifecycle,
-            request_deserializer=CONTAINER_LIFECYCLE.request_deserializer,
+            _unary_stream_strict(CONTAINER_LIFECYCLE, servicer.ContainerLifecycle),
             response_serializer=Method.serialize,
         ),
         "ContainerStatus": grpc.unary_unary_rpc_method_handler(
-            servicer.ContainerStatus,
-            request_deserializer=CONTAINER_STATUS.request_deserializer,
+            _unary_unary_strict(CONTAINER_STATUS, servicer.ContainerStatus),
             response_serializer=Method.serialize,
         ),
         "ContainerPause": grpc.unary_unary_rpc_method_handler(
-            servicer.ContainerPause,
-            request_deserializer=CONTAINER_PAUSE.request_deserializer,
+            _unary_unary_strict(CONTAINER_PAUSE, servicer.ContainerPause),
             response_serializer=Method.serialize,
         ),
         "ContainerResume": grpc.unary_unary_rpc_method_handler(
-            servicer.ContainerResume,
-            request_deserializer=CONTAINER_RESUME.request_deserializer,
+            _unary_unary_strict(CONTAINER_RESUME, servicer.ContainerResume),
             response_serializer=Method.serialize,
         ),
         "ContainerSignal": grpc.unary_unary_rpc_method_handler(
-            servicer.ContainerSignal,
-            request_deserializer=CONTAINER_SIGNAL.request_deserializer,
+            _unary_unary_strict(CONTAINER_SIGNAL, servicer.ContainerSignal),
             response_serializer=Method.serialize,
         ),
     }

@@ -43,6 +43,7 @@ HEADER = """\
 # The names _service.py exports besides one constant per method.
 GLUE = [
     "Arity",
+    "MalformedMessage",
     "ExecServicer",
     "ExecStub",
     "Method",
@@ -51,6 +52,141 @@ GLUE = [
     "SERVICE_NAME",
     "add_ExecServicer_to_server",
 ]
+
+# Static part of _service.py: strict request parsing.  betterproto2 is lenient (it can accept
+# a wrong wire type, or two members of one oneof) and raises arbitrary exceptions on garbage;
+# a server must answer INVALID_ARGUMENT instead (PROTOCOL 2.5), so requests reach servicers
+# only through these wrappers.
+STRICT_PARSING = '''
+
+class MalformedMessage(ValueError):
+    """Bytes that are not a valid message of the expected type (PROTOCOL 2.5)."""
+
+
+def _check_value(value: Any, hint: Any, where: str) -> None:
+    origin = typing.get_origin(hint)
+    if origin is types.UnionType:  # X | None: an optional field or a oneof member
+        if value is None:
+            return
+        (hint,) = [h for h in typing.get_args(hint) if h is not type(None)]
+        origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise MalformedMessage(f"{where} is not repeated")
+        (item,) = typing.get_args(hint)
+        for element in value:
+            _check_value(element, item, where)
+    elif origin is dict:
+        if not isinstance(value, dict):
+            raise MalformedMessage(f"{where} is not a map")
+        key_hint, value_hint = typing.get_args(hint)
+        for key, element in value.items():
+            _check_value(key, key_hint, where)
+            _check_value(element, value_hint, where)
+    elif isinstance(hint, type) and issubclass(hint, betterproto2.Message):
+        if not isinstance(value, hint):
+            raise MalformedMessage(f"{where} is not a {hint.__name__}")
+        _check_message(value)
+    elif hint is float:
+        if not isinstance(value, (float, int)) or isinstance(value, bool):
+            raise MalformedMessage(f"{where} is not a number")
+    elif hint is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise MalformedMessage(f"{where} is not an integer")
+    elif isinstance(hint, type) and not isinstance(value, hint):
+        raise MalformedMessage(f"{where} has the wrong wire type")
+
+
+@functools.cache
+def _hints(message_type: type[Any]) -> dict[str, Any]:
+    return typing.get_type_hints(message_type)
+
+
+def _check_message(message: betterproto2.Message) -> None:
+    message_type = type(message)
+    groups: dict[str, list[str]] = {}
+    for field in dataclasses.fields(message):  # type: ignore[arg-type]
+        where = f"{message_type.__name__}.{field.name}"
+        value = getattr(message, field.name)
+        _check_value(value, _hints(message_type)[field.name], where)
+        group = field.metadata["betterproto"].group
+        if group is not None and value is not None:
+            groups.setdefault(group, []).append(field.name)
+    for group, members in groups.items():
+        if len(members) > 1:
+            raise MalformedMessage(
+                f"{message_type.__name__}.{group} has {len(members)} members set: "
+                + ", ".join(members)
+            )
+
+
+_M = TypeVar("_M")
+
+
+def _parse_strict(message_type: type[_M], data: bytes) -> _M:
+    try:
+        message = message_type.FromString(data)  # type: ignore[attr-defined]
+    except Exception as error:
+        raise MalformedMessage(
+            f"malformed {message_type.__name__}: {type(error).__name__}"
+        ) from None
+    _check_message(message)
+    result: _M = message
+    return result
+
+
+async def _parsed(
+    method: Method[_Req, Any], raw: AsyncIterator[bytes]
+) -> AsyncIterator[_Req]:
+    async for data in raw:
+        yield method.parse_request(data)
+
+
+def _unary_unary_strict(
+    method: Method[_Req, _Resp], behaviour: Callable[[_Req, Any], Awaitable[_Resp]]
+) -> Callable[[bytes, Any], Awaitable[_Resp]]:
+    async def handle(data: bytes, context: Any) -> _Resp:
+        try:
+            request = method.parse_request(data)
+        except MalformedMessage as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise
+        return await behaviour(request, context)
+
+    return handle
+
+
+def _unary_stream_strict(
+    method: Method[_Req, _Resp], behaviour: Callable[[_Req, Any], AsyncIterator[_Resp]]
+) -> Callable[[bytes, Any], AsyncIterator[_Resp]]:
+    async def handle(data: bytes, context: Any) -> AsyncIterator[_Resp]:
+        try:
+            request = method.parse_request(data)
+        except MalformedMessage as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise
+        async for response in behaviour(request, context):
+            yield response
+
+    return handle
+
+
+def _stream_stream_strict(
+    method: Method[_Req, _Resp],
+    behaviour: Callable[[AsyncIterator[_Req], Any], AsyncIterator[_Resp]],
+) -> Callable[[AsyncIterator[bytes], Any], AsyncIterator[_Resp]]:
+    """A MalformedMessage raised while the servicer reads its requests ends the call with
+    INVALID_ARGUMENT, unless the servicer caught it and chose a status itself."""
+
+    async def handle(raw: AsyncIterator[bytes], context: Any) -> AsyncIterator[_Resp]:
+        try:
+            async for response in behaviour(_parsed(method, raw), context):
+                yield response
+        except MalformedMessage as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+    return handle
+'''.splitlines()
 
 ARITY = {
     (False, False): "UNARY_UNARY",
@@ -102,11 +238,16 @@ def _service_module(proto: FileDescriptorProto) -> str:
         "",
         "from __future__ import annotations",
         "",
+        "import dataclasses",
         "import enum",
-        "from collections.abc import AsyncIterator, Callable, Mapping, Sequence",
+        "import functools",
+        "import types",
+        "import typing",
+        "from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence",
         "from dataclasses import dataclass",
         "from typing import Any, Generic, Protocol, TypeAlias, TypeVar",
         "",
+        "import betterproto2",
         "import grpc",
         "import grpc.aio",
         "",
@@ -144,6 +285,11 @@ def _service_module(proto: FileDescriptorProto) -> str:
         "    def serialize(message: Any) -> bytes:",
         "        return bytes(message)",
         "",
+        "    def parse_request(self, data: bytes) -> _Req:",
+        '        """Parse strictly: bytes that are not a valid request raise MalformedMessage."""',
+        "        return _parse_strict(self.request_type, data)",
+        "",
+        *STRICT_PARSING,
     ]
     for m in methods:
         req, resp = short(m.input_type), short(m.output_type)
@@ -185,8 +331,7 @@ def _service_module(proto: FileDescriptorProto) -> str:
         kind = ARITY[(m.client_streaming, m.server_streaming)].lower()
         lines += [
             f'        "{m.name}": grpc.{kind}_rpc_method_handler(',
-            f"            servicer.{m.name},",
-            f"            request_deserializer={_const(m.name)}.request_deserializer,",
+            f"            _{kind}_strict({_const(m.name)}, servicer.{m.name}),",
             "            response_serializer=Method.serialize,",
             "        ),",
         ]
@@ -277,6 +422,9 @@ def _package_init(proto: FileDescriptorProto) -> str:
 
 def generate(dest: Path) -> None:
     """Write the whole package into the empty directory ``dest``."""
+    # betterproto2-compiler runs ``ruff`` by name: make this interpreter's scripts findable.
+    scripts = sysconfig.get_path("scripts")
+    os.environ["PATH"] = os.pathsep.join([scripts, os.environ.get("PATH", "")])
     with tempfile.TemporaryDirectory() as tmp:
         proto = _descriptor(Path(tmp))
     _protoc(
@@ -319,6 +467,14 @@ def main() -> int:
                 return 0
             for name in sorted(set(want) | set(have)):
                 if want.get(name) != have.get(name):
+                    state = (
+                        "missing"
+                        if name not in have
+                        else "not generated"
+                        if name not in want
+                        else "differs"
+                    )
+                    print(f"generated/{name}: {state}")
                     sys.stdout.writelines(
                         difflib.unified_diff(
                             have.get(name, "").splitlines(True),
