@@ -15,6 +15,7 @@ loop thread that serves the clients.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -36,11 +37,12 @@ class TeeWriter:
         self._stream = stream
         self._registry = registry
         self.path = path
-        self._file: BinaryIO | None = path.open("ab") if path is not None else None
+        # Unbuffered: the file copy holds the bytes before any client is told of them.
+        self._file: BinaryIO | None = path.open("ab", buffering=0) if path is not None else None
         self.bytes_written = 0
 
     def write(self, data: bytes) -> None:
-        if not data:
+        if not data or (self._file is None and self._record.log.closed):
             return
         if self._file is not None:
             self._file.write(data)
@@ -88,8 +90,8 @@ class ExecHandle:
 
     def started(self, controls: ExecControls | None = None) -> None:
         """The process runs; ``controls`` lets clients write stdin and resize (PROTOCOL 7)."""
-        self.record.controls = controls
         self._registry.mark_started(self.record)
+        self.record.controls = controls
 
     def exit(self, exit_code: int, message: str = "") -> None:
         """The process exited and all its output was written (PROTOCOL 5.1)."""
@@ -106,6 +108,8 @@ class ExecHandle:
         self._forget(self)
         if self._tee_dir is not None:
             shutil.rmtree(self._tee_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the container's directory, once empty
+                self._tee_dir.parent.rmdir()
 
 
 class Executor:

@@ -212,8 +212,13 @@ class Registry:
             raise ExecError(ErrorCode.NOT_FOUND, f"container {container_id!r} not found") from None
 
     def get(self, container_id: str, exec_id: str) -> ExecRecord:
-        container = self.container(container_id)
-        validate_id("exec_id", exec_id)
+        validate_id("exec_id", exec_id)  # PROTOCOL 2.1: before any lookup
+        validate_id("container_id", container_id)
+        container = self._containers.get(container_id)
+        if container is None:
+            raise ExecError(
+                ErrorCode.NOT_FOUND, f"exec {exec_id!r} not found: no container {container_id!r}"
+            )
         try:
             return container.execs[exec_id]
         except KeyError:

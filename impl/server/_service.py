@@ -273,7 +273,7 @@ class ExecService:
         return wire.SessionResponse(
             ready=wire.Ready(
                 session_id=session_id,
-                terminal_size=wire.Resize(Width=size[0], Height=size[1]) if size else None,
+                terminal_size=wire.Resize(width=size[0], height=size[1]) if size else None,
                 replay_complete=complete,
                 next_sequence=boundary,
             )
@@ -324,14 +324,14 @@ class ExecService:
     def _resize(self, record: ExecRecord, size: wire.Resize) -> None:
         if not record.tty:
             raise ExecError(ErrorCode.FAILED_PRECONDITION, "resize on an exec without a TTY")
-        if size.Width <= 0 or size.Height <= 0:
+        if size.width <= 0 or size.height <= 0:
             raise ExecError(
                 ErrorCode.INVALID_ARGUMENT,
-                f"terminal size must be positive, got {size.Width}x{size.Height}",
+                f"terminal size must be positive, got {size.width}x{size.height}",
             )
-        record.terminal_size = (size.Width, size.Height)
+        record.terminal_size = (size.width, size.height)
         if record.controls is not None:
-            record.controls.resize(size.Width, size.Height)
+            record.controls.resize(size.width, size.height)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -417,6 +417,8 @@ class ExecService:
         ],
     ) -> wire.ContainerStatusResponse:
         def status() -> wire.ContainerStatusResponse:
+            if request.exec_id:
+                validate_id("exec_id", request.exec_id)
             container = self.registry.container(request.container_id)
             finished: ExecRecord | None
             if request.exec_id:
@@ -497,6 +499,8 @@ class ExecService:
         ],
     ) -> wire.ContainerControlResponse:
         def send() -> wire.ContainerControlResponse:
+            if request.exec_id:
+                validate_id("exec_id", request.exec_id)
             container = self.registry.container(request.container_id)
             if request.exec_id:
                 self.registry.get(request.container_id, request.exec_id)

@@ -1,0 +1,477 @@
+"""Bounded, sequenced logs (``_log``): numbering, eviction, reads, gaps and cursors.
+
+PROTOCOL 4.2 (one contiguous sequence from 1), 4.4 (chunks of at most 64 KiB), 5.1 (exit after
+all output), 6.1 (replay from a sequence), 6.4 (gaps are reported), 6.5 (bounded history).
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from execstream.server._errors import ErrorCode, ExecError
+from execstream.server._log import MAX_CHUNK, Chunk, Cursor, ExecLog, SequencedLog, Stream
+
+KIB = 1024
+
+
+def sequences(chunks: list[Chunk]) -> list[int]:
+    return [c.sequence for c in chunks]
+
+
+def filled(n: int, budget: int = 4 * MAX_CHUNK, size: int = 10) -> ExecLog:
+    """A log holding ``n`` chunks of ``size`` bytes, chunk ``i`` filled with byte ``i % 256``."""
+    log = ExecLog(budget)
+    for i in range(1, n + 1):
+        log.append(Stream.STDOUT, bytes([i % 256]) * size, timestamp_ns=i)
+    return log
+
+
+# -- numbering and chunking ------------------------------------------------------------------
+
+
+def test_empty_log() -> None:
+    log = ExecLog(MAX_CHUNK)
+    assert log.first_sequence == 1
+    assert log.next_sequence == 1
+    assert log.retained_cost == 0
+    assert log.exit_code is None
+    assert not log.closed
+
+
+def test_sequences_start_at_one_and_are_shared_by_both_streams() -> None:
+    log = ExecLog(MAX_CHUNK)
+    log.append(Stream.STDOUT, b"a", 100)
+    log.append(Stream.STDERR, b"b", 101)
+    log.append(Stream.STDOUT, b"c", 102)
+    log.append(Stream.STDERR, b"d", 103)
+    chunks = log.read(1).items
+    assert [(c.sequence, c.stream, c.data, c.timestamp_ns) for c in chunks] == [
+        (1, Stream.STDOUT, b"a", 100),
+        (2, Stream.STDERR, b"b", 101),
+        (3, Stream.STDOUT, b"c", 102),
+        (4, Stream.STDERR, b"d", 103),
+    ]
+    assert log.next_sequence == 5
+
+
+@pytest.mark.parametrize(
+    ("size", "pieces"),
+    [
+        (1, [1]),
+        (MAX_CHUNK - 1, [MAX_CHUNK - 1]),
+        (MAX_CHUNK, [MAX_CHUNK]),
+        (MAX_CHUNK + 1, [MAX_CHUNK, 1]),
+        (3 * MAX_CHUNK, [MAX_CHUNK] * 3),
+        (3 * MAX_CHUNK + 17, [MAX_CHUNK] * 3 + [17]),
+    ],
+)
+def test_append_splits_into_max_chunk_pieces(size: int, pieces: list[int]) -> None:
+    data = bytes(i % 251 for i in range(size))
+    log = ExecLog(8 * MAX_CHUNK)
+    log.append(Stream.STDERR, data, 7)
+    chunks = log.read(1).items
+    assert [len(c.data) for c in chunks] == pieces
+    assert sequences(chunks) == list(range(1, len(pieces) + 1))
+    assert b"".join(c.data for c in chunks) == data
+    assert all(c.stream is Stream.STDERR and c.timestamp_ns == 7 for c in chunks)
+
+
+def test_empty_append_adds_nothing() -> None:
+    log = ExecLog(MAX_CHUNK)
+    log.append(Stream.STDOUT, b"", 1)
+    assert log.next_sequence == 1
+    log.append(Stream.STDOUT, b"x", 2)
+    log.append(Stream.STDERR, b"", 3)
+    assert log.next_sequence == 2
+    assert [c.data for c in log.read(0).items] == [b"x"]
+
+
+# -- budget and eviction ---------------------------------------------------------------------
+
+
+def test_eviction_drops_oldest_first_and_stays_within_budget() -> None:
+    budget = MAX_CHUNK  # 64 KiB: holds six 10 KiB chunks
+    log = ExecLog(budget)
+    for i in range(1, 11):
+        log.append(Stream.STDOUT, bytes([i]) * (10 * KIB), i)
+        assert log.retained_cost <= budget
+        assert log.retained_cost == 10 * KIB * (log.next_sequence - log.first_sequence)
+    assert log.next_sequence == 11
+    assert log.first_sequence == 5
+    kept = log.read(log.first_sequence).items
+    assert sequences(kept) == [5, 6, 7, 8, 9, 10]
+    assert [c.data[0] for c in kept] == [5, 6, 7, 8, 9, 10]
+
+
+def test_budget_fills_exactly_without_eviction() -> None:
+    log = ExecLog(MAX_CHUNK)
+    log.append(Stream.STDOUT, b"a" * (MAX_CHUNK // 2), 1)
+    log.append(Stream.STDOUT, b"b" * (MAX_CHUNK // 2), 2)
+    assert log.retained_cost == MAX_CHUNK
+    assert log.first_sequence == 1
+    log.append(Stream.STDOUT, b"c", 3)
+    assert log.first_sequence == 2
+    assert log.retained_cost == MAX_CHUNK // 2 + 1
+
+
+def test_newest_chunk_is_always_kept() -> None:
+    """PROTOCOL 6.4: a gap is always followed by a chunk, so the newest is never evicted."""
+    log: SequencedLog[bytes] = SequencedLog(10, len)
+    log._append(b"x" * 4)
+    log._append(b"y" * 25)  # alone over budget: kept anyway
+    assert log.first_sequence == 2
+    assert log.next_sequence == 3
+    assert log.read(1).items == [b"y" * 25]
+    log._append(b"z")
+    assert log.read(1).items == [b"z"]
+    assert log.retained_cost == 1
+
+
+def test_full_size_chunk_evicts_everything_before_it() -> None:
+    log = ExecLog(MAX_CHUNK)
+    log.append(Stream.STDOUT, b"small", 1)
+    log.append(Stream.STDERR, b"s" * MAX_CHUNK, 2)
+    assert log.first_sequence == 2
+    assert log.retained_cost == MAX_CHUNK
+    assert log.read(0).gap_before == 1
+
+
+def test_append_larger_than_the_budget_keeps_its_tail() -> None:
+    """One append bigger than the history evicts its own first pieces: a reader that was
+    caught up before it gets a gap, never a silent loss (PROTOCOL 6.4, 6.5)."""
+    log = ExecLog(MAX_CHUNK)
+    cursor = Cursor(log, 0)
+    data = bytes(range(256)) * (3 * MAX_CHUNK // 256) + b"tail"
+    log.append(Stream.STDOUT, data, 1)  # pieces 64 KiB, 64 KiB, 64 KiB, 4 bytes
+    assert log.next_sequence == 5
+    assert log.first_sequence == 4  # 64 KiB + 4 bytes is over the budget
+    read = cursor.read()
+    assert read.gap_before == 3
+    assert [c.data for c in read.items] == [b"tail"]
+
+
+def test_budget_must_be_positive_and_exec_log_at_least_one_chunk() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        SequencedLog(0, len)
+    with pytest.raises(ValueError, match=str(MAX_CHUNK)):
+        ExecLog(MAX_CHUNK - 1)
+
+
+def test_compaction_keeps_sequences_and_contents() -> None:
+    """Many evictions (past the internal compaction threshold) change nothing visible."""
+    log: SequencedLog[int] = SequencedLog(5, lambda _: 1)
+    for value in range(1, 5001):
+        log._append(value)
+        assert log.first_sequence == max(1, value - 4)
+    assert log.next_sequence == 5001
+    read = log.read(1)
+    assert read.items == [4996, 4997, 4998, 4999, 5000]
+    assert read.gap_before == 4995
+    assert log.read(4998).items == [4998, 4999, 5000]
+
+
+# -- reads -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("start", [0, 1])
+def test_read_from_zero_or_one_is_everything(start: int) -> None:
+    log = filled(5)
+    read = log.read(start)
+    assert sequences(read.items) == [1, 2, 3, 4, 5]
+    assert read.gap_before == 0
+    assert read.next_sequence == 6
+
+
+def test_read_from_the_middle() -> None:
+    read = filled(5).read(3)
+    assert sequences(read.items) == [3, 4, 5]
+    assert read.gap_before == 0
+    assert read.next_sequence == 6
+
+
+def test_read_from_next_sequence_is_empty() -> None:
+    log = filled(5)
+    read = log.read(6)
+    assert read.items == []
+    assert read.gap_before == 0
+    assert read.next_sequence == 6
+    empty = ExecLog(MAX_CHUNK).read(0)
+    assert (empty.items, empty.gap_before, empty.next_sequence) == ([], 0, 1)
+
+
+@pytest.mark.parametrize("beyond", [7, 8, 1000])
+def test_read_past_next_sequence_is_out_of_range(beyond: int) -> None:
+    log = filled(5)
+    with pytest.raises(ExecError) as caught:
+        log.read(beyond)
+    assert caught.value.code is ErrorCode.OUT_OF_RANGE
+    assert str(beyond) in caught.value.message
+    assert "next sequence 6" in caught.value.message
+
+
+@pytest.mark.parametrize("start", [0, 1, 2, 4])
+def test_read_from_evicted_sequence_reports_the_gap(start: int) -> None:
+    log = filled(10, budget=MAX_CHUNK, size=10 * KIB)  # keeps 5..10
+    assert log.first_sequence == 5
+    read = log.read(start)
+    assert read.gap_before == 5 - max(start, 1)
+    assert sequences(read.items) == [5, 6, 7, 8, 9, 10]
+    assert read.next_sequence == 11
+
+
+def test_read_at_first_retained_sequence_has_no_gap() -> None:
+    log = filled(10, budget=MAX_CHUNK, size=10 * KIB)
+    read = log.read(5)
+    assert read.gap_before == 0
+    assert sequences(read.items)[0] == 5
+
+
+def test_max_cost_limits_a_read() -> None:
+    log = filled(6, size=100)
+    read = log.read(1, max_cost=250)
+    assert sequences(read.items) == [1, 2]
+    assert read.next_sequence == 3
+    read = log.read(3, max_cost=300)
+    assert sequences(read.items) == [3, 4, 5]
+    assert log.read(1, max_cost=10**9).next_sequence == 7
+
+
+@pytest.mark.parametrize("max_cost", [0, 1, 99])
+def test_max_cost_below_one_item_still_returns_one(max_cost: int) -> None:
+    read = filled(3, size=100).read(2, max_cost=max_cost)
+    assert sequences(read.items) == [2]
+    assert read.next_sequence == 3
+
+
+def test_until_stops_before_that_sequence() -> None:
+    log = filled(6)
+    read = log.read(2, until=5)
+    assert sequences(read.items) == [2, 3, 4]
+    assert read.next_sequence == 5
+    assert log.read(2, until=2).items == []
+    assert log.read(2, until=100).next_sequence == 7
+    assert sequences(log.read(1, max_cost=25, until=5).items) == [1, 2]
+
+
+def test_until_below_the_evicted_part_reports_the_gap_without_items() -> None:
+    log = filled(10, budget=MAX_CHUNK, size=10 * KIB)  # keeps 5..10
+    read = log.read(1, until=4)
+    assert read.items == []
+    assert read.gap_before == 4
+    assert read.next_sequence == 5
+
+
+# -- listeners and close ---------------------------------------------------------------------
+
+
+def test_listeners_are_notified_on_append_and_close_not_on_empty_append() -> None:
+    log = ExecLog(MAX_CHUNK)
+    calls: list[str] = []
+
+    def first() -> None:
+        calls.append("first")
+
+    log.add_listener(first)
+    log.add_listener(lambda: calls.append("second"))
+    log.append(Stream.STDOUT, b"", 1)
+    assert calls == []
+    log.append(Stream.STDOUT, b"x", 1)
+    assert calls == ["first", "second"]
+    calls.clear()
+    log.append(Stream.STDOUT, b"y" * (2 * MAX_CHUNK + 1), 2)  # three chunks, one notification
+    assert calls == ["first", "second"]
+    calls.clear()
+    log.remove_listener(first)
+    log.close(0)
+    assert calls == ["second"]
+
+
+def test_listener_sees_the_appended_chunks() -> None:
+    log = ExecLog(MAX_CHUNK)
+    seen: list[int] = []
+    log.add_listener(lambda: seen.append(log.next_sequence))
+    log.append(Stream.STDERR, b"abc", 1)
+    assert seen == [2]
+
+
+def test_listener_may_remove_itself_while_notified() -> None:
+    log = ExecLog(MAX_CHUNK)
+    calls: list[str] = []
+
+    def once() -> None:
+        calls.append("once")
+        log.remove_listener(once)
+
+    log.add_listener(once)
+    log.add_listener(lambda: calls.append("always"))
+    log.append(Stream.STDOUT, b"a", 1)
+    log.append(Stream.STDOUT, b"b", 2)
+    assert calls == ["once", "always", "always"]
+
+
+def test_close_sets_exit_code_and_ends_appends() -> None:
+    log = filled(2)
+    log.close(3)
+    assert log.closed
+    assert log.exit_code == 3
+    with pytest.raises(ValueError, match="after the exit code"):
+        log.append(Stream.STDOUT, b"late", 9)
+    with pytest.raises(ValueError, match="twice"):
+        log.close(4)
+    assert log.exit_code == 3
+    assert log.next_sequence == 3
+    assert sequences(log.read(0).items) == [1, 2]
+
+
+def test_close_with_exit_code_zero_is_closed() -> None:
+    log = ExecLog(MAX_CHUNK)
+    log.close(0)
+    assert log.closed
+    assert log.exit_code == 0
+
+
+# -- cursors ---------------------------------------------------------------------------------
+
+
+def test_cursors_fan_out_identical_items() -> None:
+    log = ExecLog(4 * MAX_CHUNK)
+    a, b, c = Cursor(log, 0), Cursor(log, 0), Cursor(log, 1)
+    log.append(Stream.STDOUT, b"one", 1)
+    log.append(Stream.STDERR, b"two", 2)
+    got_a = a.read().items
+    log.append(Stream.STDOUT, b"three", 3)
+    got_a += a.read().items
+    got_b = b.read().items  # one read after all appends
+    got_c: list[Chunk] = []
+    while not c.caught_up:
+        got_c += c.read(max_cost=1).items  # one chunk at a time
+    assert got_a == got_b == got_c
+    assert [(x.sequence, x.data) for x in got_a] == [(1, b"one"), (2, b"two"), (3, b"three")]
+    # Reading through one cursor took nothing from the others or the log.
+    assert sequences(log.read(1).items) == [1, 2, 3]
+
+
+def test_cursor_from_middle_and_caught_up() -> None:
+    log = filled(4)
+    cursor = Cursor(log, 3)
+    assert not cursor.caught_up
+    read = cursor.read()
+    assert sequences(read.items) == [3, 4]
+    assert cursor.caught_up
+    assert cursor.position == 5
+    assert cursor.read().items == []
+    log.append(Stream.STDOUT, b"more", 5)
+    assert not cursor.caught_up
+    assert sequences(cursor.read().items) == [5]
+    assert cursor.caught_up
+
+
+def test_cursor_at_next_sequence_is_caught_up() -> None:
+    log = filled(3)
+    cursor = Cursor(log, 4)
+    assert cursor.caught_up
+    assert cursor.read().items == []
+
+
+@pytest.mark.parametrize("beyond", [5, 99])
+def test_cursor_past_next_sequence_is_out_of_range(beyond: int) -> None:
+    with pytest.raises(ExecError) as caught:
+        Cursor(filled(3), beyond)
+    assert caught.value.code is ErrorCode.OUT_OF_RANGE
+    assert str(beyond) in caught.value.message
+
+
+def test_lagging_cursor_gets_a_gap_then_continues() -> None:
+    log = ExecLog(MAX_CHUNK)
+    fast, slow = Cursor(log, 0), Cursor(log, 0)
+    for i in range(1, 4):
+        log.append(Stream.STDOUT, bytes([i]) * (10 * KIB), i)
+    assert sequences(fast.read().items) == [1, 2, 3]
+    assert sequences(slow.read(max_cost=1).items) == [1]
+    for i in range(4, 11):  # the budget keeps six 10 KiB chunks: 5..10
+        log.append(Stream.STDOUT, bytes([i]) * (10 * KIB), i)
+        assert fast.read().gap_before == 0
+    read = slow.read()
+    assert read.gap_before == 3  # 2, 3, 4 were evicted
+    assert sequences(read.items) == [5, 6, 7, 8, 9, 10]
+    assert slow.caught_up
+    log.append(Stream.STDERR, b"after", 11)
+    read = slow.read()
+    assert read.gap_before == 0
+    assert sequences(read.items) == [11]
+
+
+# -- property: every sequence is accounted for exactly once ----------------------------------
+
+_APPEND = st.tuples(
+    st.just("append"), st.sampled_from(Stream), st.integers(min_value=0, max_value=200 * KIB)
+)
+_READ = st.tuples(
+    st.just("read"),
+    st.integers(min_value=0, max_value=2),  # which lagging cursor
+    st.none() | st.integers(min_value=0, max_value=300 * KIB),  # max_cost
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    # Small against the output (up to 40 appends of up to 200 KiB), but at least one append,
+    # so that a reader who reads after every append never lags.
+    budget=st.integers(min_value=200 * KIB, max_value=4 * MAX_CHUNK),
+    operations=st.lists(st.one_of(_APPEND, _READ), max_size=40),
+)
+def test_cursors_account_for_every_sequence_exactly_once(
+    budget: int, operations: list[tuple[str, object, object]]
+) -> None:
+    log = ExecLog(budget)
+    # Cursor 0 reads after every append and so never lags; 1..3 read at random times.
+    live = Cursor(log, 0)
+    laggards = [Cursor(log, 0) for _ in range(3)]
+    received: list[list[int]] = [[] for _ in range(4)]
+    gaps = [0] * 4
+    written = {Stream.STDOUT: bytearray(), Stream.STDERR: bytearray()}
+    seen = {Stream.STDOUT: bytearray(), Stream.STDERR: bytearray()}
+    counter = 0
+
+    def take(index: int, cursor: Cursor[Chunk], max_cost: int | None) -> None:
+        before = cursor.position
+        read = cursor.read(max_cost=max_cost)
+        assert read.items or read.next_sequence == before, "a read with nothing moved"
+        if read.items:
+            assert read.items[0].sequence == before + read.gap_before
+            assert sequences(read.items) == list(range(read.items[0].sequence, read.next_sequence))
+        if max_cost is not None and len(read.items) > 1:
+            assert sum(len(c.data) for c in read.items) <= max_cost
+        received[index] += sequences(read.items)
+        gaps[index] += read.gap_before
+        if index == 0:
+            assert read.gap_before == 0
+            for chunk in read.items:
+                seen[chunk.stream] += chunk.data
+
+    for kind, a, b in operations:
+        if kind == "append":
+            assert isinstance(a, Stream) and isinstance(b, int)
+            counter += 1
+            data = bytes([counter % 256]) * b
+            written[a] += data
+            log.append(a, data, counter)
+            assert log.retained_cost <= budget
+            while not live.caught_up:
+                take(0, live, None)
+        else:
+            assert isinstance(a, int) and (b is None or isinstance(b, int))
+            take(a + 1, laggards[a], b)
+
+    for index, cursor in enumerate([live, *laggards]):
+        while not cursor.caught_up:
+            take(index, cursor, None)
+        got = received[index]
+        assert got == sorted(set(got)), "items strictly increasing"
+        assert len(got) + gaps[index] == log.next_sequence - 1
+        if got:
+            assert got[-1] == log.next_sequence - 1  # the newest chunk is always received
+    assert received[0] == list(range(1, log.next_sequence))
+    assert seen == written

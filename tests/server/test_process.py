@@ -1,0 +1,748 @@
+"""The process runtime, with real processes: exit codes, output, stdin, TTYs, control, usage.
+
+Every runtime here is closed by its fixture, which then checks that no process started with
+that runtime's state dir as ``HOME`` is left on the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from execstream.server import _process
+from execstream.server._errors import ErrorCode, ExecError
+from execstream.server._process import ExecSpec, ProcessExec, ProcessRuntime
+
+TIMEOUT = 10.0
+
+
+class Recorder:
+    """An output sink that keeps every write."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        assert isinstance(data, bytes)
+        self.chunks.append(data)
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+    @property
+    def text(self) -> str:
+        return self.data.decode(errors="replace")
+
+
+class Run:
+    """One exec started by a test, with its two recorders."""
+
+    def __init__(self, proc: ProcessExec, stdout: Recorder, stderr: Recorder) -> None:
+        self.proc = proc
+        self.stdout = stdout
+        self.stderr = stderr
+
+    async def wait(self, timeout: float = TIMEOUT) -> int:
+        return await asyncio.wait_for(self.proc.wait(), timeout)
+
+    def pids(self) -> list[int]:
+        """The numbers the command printed on lines of their own (``echo $!``)."""
+        return [int(n) for n in re.findall(rb"^(\d+)\r?$", self.stdout.data, re.M)]
+
+
+_ids = itertools.count(1)
+
+
+async def start(
+    runtime: ProcessRuntime,
+    command: Sequence[str],
+    *,
+    container: str = "c1",
+    exec_id: str | None = None,
+    **spec: object,
+) -> Run:
+    stdout, stderr = Recorder(), Recorder()
+    proc = await runtime.spawn(
+        container,
+        exec_id or f"e{next(_ids)}",
+        ExecSpec(command=command, **spec),  # type: ignore[arg-type]
+        stdout,
+        stderr,
+    )
+    return Run(proc, stdout, stderr)
+
+
+async def eventually(predicate: Callable[[], object], what: str, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def exists(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+def state_of(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return ""
+    return raw[raw.rfind(b")") + 2 :].split()[0].decode()
+
+
+def processes_with_home_under(directory: Path) -> list[int]:
+    needle = b"HOME=" + str(directory).encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{name}/environ").read_bytes()
+        except OSError:
+            continue
+        if any(item.startswith(needle) for item in environ.split(b"\0")):
+            found.append(int(name))
+    return found
+
+
+async def closed_and_clean(runtime: ProcessRuntime) -> None:
+    await runtime.close()
+    await eventually(
+        lambda: not processes_with_home_under(runtime.state_dir),
+        "every process of the runtime to be gone",
+        timeout=5,
+    )
+
+
+@pytest.fixture
+async def runtime(tmp_path: Path) -> AsyncIterator[ProcessRuntime]:
+    rt = ProcessRuntime(tmp_path / "state", drain_timeout=1.0)
+    yield rt
+    await closed_and_clean(rt)
+
+
+@pytest.fixture(params=["freezer", "signals"])
+async def any_runtime(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[ProcessRuntime]:
+    """A runtime of each pause method: the freezer (where writable) and signals."""
+    rt = ProcessRuntime(
+        tmp_path / "state", drain_timeout=1.0, cgroup_freezer=request.param == "freezer"
+    )
+    try:
+        assert rt.pause_method == request.param
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    yield rt
+    await closed_and_clean(rt)
+
+
+def expect_error(code: ErrorCode, *words: str) -> Callable[[ExecError], None]:
+    def check(exc: ExecError) -> None:
+        assert exc.code is code, exc
+        for word in words:
+            assert word in exc.message, exc
+
+    return check
+
+
+# --- exit and output ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [
+        (["true"], 0),
+        (["sh", "-c", "exit 7"], 7),
+        (["sh", "-c", "kill -KILL $$"], 128 + 9),
+        (["sh", "-c", "kill -TERM $$"], 128 + 15),
+    ],
+)
+async def test_exit_code(runtime: ProcessRuntime, command: list[str], code: int) -> None:
+    run = await start(runtime, command)
+    assert await run.wait() == code
+    assert run.proc.exit_code == code
+
+
+async def test_stdout_and_stderr_are_separate_and_complete(
+    runtime: ProcessRuntime, tmp_path: Path
+) -> None:
+    out, err = os.urandom(1_500_000), os.urandom(1_300_000) + b"\0\xff\r\n"
+    (tmp_path / "out").write_bytes(out)
+    (tmp_path / "err").write_bytes(err)
+    run = await start(
+        runtime,
+        ["sh", "-c", 'cat "$0" & cat "$1" >&2; wait', str(tmp_path / "out"), str(tmp_path / "err")],
+    )
+    assert await run.wait() == 0
+    assert run.stdout.data == out
+    assert run.stderr.data == err
+    assert max(len(c) for c in run.stdout.chunks + run.stderr.chunks) <= 65536
+
+
+async def test_each_read_is_one_sink_write_of_at_most_read_size(tmp_path: Path) -> None:
+    rt = ProcessRuntime(tmp_path / "state", read_size=4096)
+    try:
+        run = await start(rt, ["head", "-c", "200000", "/dev/zero"])
+        assert await run.wait() == 0
+        assert len(run.stdout.data) == 200_000
+        assert all(0 < len(chunk) <= 4096 for chunk in run.stdout.chunks)
+    finally:
+        await closed_and_clean(rt)
+
+
+async def test_output_written_right_before_exit_is_delivered_before_wait(
+    runtime: ProcessRuntime,
+) -> None:
+    async def one(i: int) -> None:
+        run = await start(runtime, ["sh", "-c", f"printf out-{i}; printf err-{i} >&2; exit 3"])
+        assert await run.wait() == 3
+        assert run.stdout.data == f"out-{i}".encode()
+        assert run.stderr.data == f"err-{i}".encode()
+        run.proc.release()
+
+    for batch in range(5):
+        await asyncio.gather(*(one(batch * 10 + i) for i in range(10)))
+
+
+async def test_tty_output_right_before_exit_is_delivered(runtime: ProcessRuntime) -> None:
+    for i in range(15):
+        run = await start(runtime, ["printf", f"tty-marker-{i}"], tty=True)
+        assert await run.wait() == 0
+        assert run.stdout.data == f"tty-marker-{i}".encode()
+        run.proc.release()
+
+
+async def test_drain_is_bounded_when_a_descendant_keeps_the_pipes(tmp_path: Path) -> None:
+    rt = ProcessRuntime(tmp_path / "state", drain_timeout=0.5)
+    try:
+        run = await start(rt, ["sh", "-c", "sleep 30 & echo $!; echo hi"])
+        began = time.monotonic()
+        assert await run.wait(timeout=5) == 0
+        assert time.monotonic() - began < 4
+        assert b"hi\n" in run.stdout.data
+        (sleeper,) = run.pids()
+        assert sleeper in rt.processes_of("c1")
+        await run.proc.kill()
+        assert not exists(sleeper)
+
+        # release() also kills what is left of an exec.
+        run = await start(rt, ["sh", "-c", "setsid sleep 30 & echo $!"])
+        assert await run.wait(timeout=5) == 0
+        (sleeper,) = run.pids()
+        assert exists(sleeper)
+        run.proc.release()
+        await eventually(lambda: not exists(sleeper), "the released exec's sleep to be gone")
+    finally:
+        await closed_and_clean(rt)
+
+
+async def test_wait_survives_a_cancelled_waiter(runtime: ProcessRuntime) -> None:
+    run = await start(runtime, ["sh", "-c", "sleep 0.2; echo done"])
+    waiter = asyncio.ensure_future(run.proc.wait())
+    await asyncio.sleep(0.01)
+    waiter.cancel()
+    assert await run.wait() == 0
+    assert run.stdout.data == b"done\n"
+
+
+# --- environment, working dir, errors -------------------------------------------------------
+
+
+async def test_env_and_working_dir(runtime: ProcessRuntime, tmp_path: Path) -> None:
+    container = runtime.container_dir("c1")
+    (container / "sub").mkdir(parents=True)
+    script = 'echo "$FOO|$PATH|$HOME|$EXECSTREAM_CONTAINER|$EXECSTREAM_EXEC|$TERM"; pwd'
+    run = await start(
+        runtime, ["sh", "-c", script], exec_id="x1", env={"FOO": "b a r"}, working_dir="sub"
+    )
+    assert await run.wait() == 0
+    line, cwd = run.stdout.text.splitlines()
+    assert line == f"b a r|{_process.BASE_PATH}|{container}|c1|x1|"
+    assert Path(cwd) == container / "sub"
+
+    run = await start(runtime, ["pwd"], working_dir=str(tmp_path), env={"PATH": "/bin:/usr/bin"})
+    assert await run.wait() == 0
+    assert Path(run.stdout.text.strip()) == tmp_path
+
+    run = await start(runtime, ["pwd"])
+    assert await run.wait() == 0
+    assert Path(run.stdout.text.strip()) == container
+
+
+async def test_tty_env_has_term(runtime: ProcessRuntime) -> None:
+    run = await start(runtime, ["sh", "-c", "echo $TERM; tty"], tty=True)
+    assert await run.wait() == 0
+    term, tty = run.stdout.text.splitlines()
+    assert term == "xterm"
+    assert tty.startswith("/dev/pts/")
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ({"command": ["true"], "working_dir": "no-such-dir"}, ["working_dir", "no-such-dir"]),
+        ({"command": ["true"], "working_dir": "/etc/hostname"}, ["/etc/hostname", "directory"]),
+        ({"command": ["no-such-command-x"]}, ["no-such-command-x", "not found"]),
+        ({"command": ["/no/such/file"]}, ["/no/such/file"]),
+        ({"command": ["/etc"]}, ["/etc", "directory"]),
+    ],
+)
+async def test_spawn_refuses_what_cannot_run(
+    runtime: ProcessRuntime, spec: dict[str, object], words: list[str]
+) -> None:
+    with pytest.raises(ExecError) as caught:
+        await runtime.spawn("fresh", "e", ExecSpec(**spec), Recorder(), Recorder())  # type: ignore[arg-type]
+    expect_error(ErrorCode.INVALID_ARGUMENT, *words)(caught.value)
+    assert not runtime.container_dir("fresh").exists()
+    assert runtime.processes_of("fresh") == []
+
+
+async def test_spawn_refuses_a_file_that_is_not_executable(
+    runtime: ProcessRuntime, tmp_path: Path
+) -> None:
+    script = tmp_path / "script"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o644)
+    for command, env in ([str(script)], {}), (["script"], {"PATH": str(tmp_path)}):
+        with pytest.raises(ExecError) as caught:
+            await start(runtime, command, container="fresh", env=env)
+        expect_error(ErrorCode.INVALID_ARGUMENT, str(script), "not executable")(caught.value)
+    script.chmod(0o755)
+    run = await start(runtime, ["script"], container="fresh", env={"PATH": str(tmp_path)})
+    assert await run.wait() == 0
+    assert run.stdout.data == b"hi\n"
+
+
+async def test_failed_spawn_keeps_a_container_dir_in_use(runtime: ProcessRuntime) -> None:
+    run = await start(runtime, ["sleep", "30"], container="busy")
+    with pytest.raises(ExecError):
+        await start(runtime, ["no-such-command-x"], container="busy")
+    assert runtime.container_dir("busy").is_dir()
+    await run.proc.kill()
+
+
+@pytest.mark.parametrize(
+    ("spec", "word"),
+    [
+        ({"command": []}, "command"),
+        ({"command": ["a\0b"]}, "NUL"),
+        ({"command": ["true"], "env": {"A=B": "x"}}, "A=B"),
+        ({"command": ["true"], "env": {"": "x"}}, "env key"),
+        ({"command": ["true"], "tty": True, "width": 0}, "terminal size"),
+    ],
+)
+def test_exec_spec_validates_itself(spec: dict[str, object], word: str) -> None:
+    with pytest.raises(ExecError) as caught:
+        ExecSpec(**spec)  # type: ignore[arg-type]
+    expect_error(ErrorCode.INVALID_ARGUMENT, word)(caught.value)
+
+
+async def test_ids_and_duplicates(runtime: ProcessRuntime) -> None:
+    with pytest.raises(ExecError) as caught:
+        await start(runtime, ["true"], container="../escape")
+    expect_error(ErrorCode.INVALID_ARGUMENT, "container_id")(caught.value)
+    run = await start(runtime, ["sleep", "30"], exec_id="same")
+    with pytest.raises(ExecError) as caught:
+        await start(runtime, ["true"], exec_id="same")
+    expect_error(ErrorCode.ALREADY_EXISTS, "same")(caught.value)
+    await run.proc.kill()
+
+
+async def test_unknown_container_or_exec(runtime: ProcessRuntime) -> None:
+    for call in (
+        lambda: runtime.signal("nope", signal.SIGTERM),
+        lambda: runtime.usage("nope"),
+    ):
+        with pytest.raises(ExecError) as caught:
+            call()
+        expect_error(ErrorCode.NOT_FOUND, "nope")(caught.value)
+    with pytest.raises(ExecError) as caught:
+        await runtime.pause("nope")
+    expect_error(ErrorCode.NOT_FOUND)(caught.value)
+    with pytest.raises(ExecError):
+        await runtime.resume("nope")
+    run = await start(runtime, ["sleep", "30"])
+    with pytest.raises(ExecError) as caught:
+        runtime.usage("c1", "other")
+    expect_error(ErrorCode.NOT_FOUND, "other")(caught.value)
+    with pytest.raises(ExecError) as caught:
+        runtime.signal("c1", 12345)
+    expect_error(ErrorCode.INVALID_ARGUMENT, "12345")(caught.value)
+    assert runtime.processes_of("nope") == []
+    await run.proc.kill()
+
+
+async def test_closed_runtime_refuses_spawn(tmp_path: Path) -> None:
+    rt = ProcessRuntime(tmp_path / "state")
+    await rt.close()
+    with pytest.raises(ExecError) as caught:
+        await start(rt, ["true"])
+    expect_error(ErrorCode.UNAVAILABLE)(caught.value)
+    await rt.close()
+
+
+# --- stdin --------------------------------------------------------------------------------
+
+
+async def test_stdin_reaches_the_process_in_order(runtime: ProcessRuntime) -> None:
+    data = os.urandom(1 << 20)
+    run = await start(runtime, ["cat"])
+    sizes = [1, 65536, 300_000, 7, 200_000]
+    pieces, at = [], 0
+    for size in sizes:
+        pieces.append(data[at : at + size])
+        at += size
+    pieces.append(data[at:])
+    # Started together: order is the order of the calls.
+    await asyncio.gather(*(run.proc.write_stdin(piece) for piece in pieces))
+    run.proc.close_stdin()
+    assert await run.wait() == 0
+    assert run.stdout.data == data
+    with pytest.raises(ExecError) as caught:
+        await run.proc.write_stdin(b"late")
+    expect_error(ErrorCode.FAILED_PRECONDITION)(caught.value)
+
+
+async def test_write_after_close_stdin_fails(runtime: ProcessRuntime) -> None:
+    run = await start(runtime, ["sh", "-c", "cat; sleep 30"])
+    await run.proc.write_stdin(b"before\n")
+    run.proc.close_stdin()
+    with pytest.raises(ExecError) as caught:
+        await run.proc.write_stdin(b"after\n")
+    expect_error(ErrorCode.FAILED_PRECONDITION, "closed")(caught.value)
+    await eventually(lambda: run.stdout.data == b"before\n", "cat to echo")
+    await run.proc.kill()
+
+
+async def test_large_stdin_to_a_slow_reader_does_not_block_the_loop(
+    runtime: ProcessRuntime,
+) -> None:
+    data = os.urandom(4 << 20)
+    run = await start(runtime, ["sh", "-c", "sleep 0.5; wc -c"])
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticking = asyncio.ensure_future(ticker())
+    try:
+        began = time.monotonic()
+        await asyncio.wait_for(run.proc.write_stdin(data), TIMEOUT)
+        assert time.monotonic() - began >= 0.3
+        assert ticks >= 10
+    finally:
+        ticking.cancel()
+    run.proc.close_stdin()
+    assert await run.wait() == 0
+    assert run.stdout.text.strip() == str(len(data))
+
+
+async def test_write_to_an_exited_exec_fails(runtime: ProcessRuntime) -> None:
+    run = await start(runtime, ["true"])
+    assert await run.wait() == 0
+    with pytest.raises(ExecError) as caught:
+        await run.proc.write_stdin(b"x")
+    expect_error(ErrorCode.FAILED_PRECONDITION, "exited")(caught.value)
+
+
+async def test_pending_stdin_fails_when_the_process_exits(runtime: ProcessRuntime) -> None:
+    run = await start(runtime, ["sleep", "0.3"])  # never reads its input
+    with pytest.raises(ExecError) as caught:
+        await asyncio.wait_for(run.proc.write_stdin(os.urandom(4 << 20)), TIMEOUT)
+    expect_error(ErrorCode.FAILED_PRECONDITION)(caught.value)
+    assert await run.wait() == 0
+
+
+# --- TTY ----------------------------------------------------------------------------------
+
+
+async def test_tty_initial_size(runtime: ProcessRuntime) -> None:
+    run = await start(runtime, ["stty", "size"], tty=True)
+    assert await run.wait() == 0
+    assert run.stdout.data == b"24 80\r\n"
+    assert run.proc.terminal_size == (80, 24)
+    run = await start(runtime, ["stty", "size"], tty=True, width=132, height=43)
+    assert await run.wait() == 0
+    assert run.stdout.data == b"43 132\r\n"
+
+
+async def test_tty_resize_is_seen_with_sigwinch(runtime: ProcessRuntime) -> None:
+    script = 'trap "echo WINCH; stty size" WINCH; echo ready; while :; do sleep 0.05; done'
+    run = await start(runtime, ["sh", "-c", script], tty=True)
+    await eventually(lambda: b"ready" in run.stdout.data, "the shell to start")
+    run.proc.resize(120, 40)
+    assert run.proc.terminal_size == (120, 40)
+    await eventually(lambda: b"WINCH\r\n40 120\r\n" in run.stdout.data, "SIGWINCH and new size")
+    await run.proc.kill()
+    assert await run.wait() == 128 + 9
+
+
+async def test_tty_interactive_shell_answers(runtime: ProcessRuntime) -> None:
+    run = await start(runtime, ["sh", "-i"], tty=True)
+    await run.proc.write_stdin(b"echo $((6 * 7))\n")
+    await eventually(lambda: b"42\r\n" in run.stdout.data, "the shell's answer")
+    await run.proc.write_stdin(b"exit 3\n")
+    assert await run.wait() == 3
+
+
+async def test_tty_merges_stderr_and_close_stdin_sends_eof(runtime: ProcessRuntime) -> None:
+    run = await start(runtime, ["sh", "-c", "echo err >&2; cat"], tty=True)
+    await run.proc.write_stdin(b"hello\n")
+    await eventually(lambda: run.stdout.data.count(b"hello") == 2, "echo and cat output")
+    run.proc.close_stdin()
+    assert await run.wait() == 0
+    assert b"err\r\n" in run.stdout.data
+    assert run.stderr.data == b""
+    with pytest.raises(ExecError) as caught:
+        await run.proc.write_stdin(b"x")
+    expect_error(ErrorCode.FAILED_PRECONDITION)(caught.value)
+
+
+async def test_resize_errors(runtime: ProcessRuntime) -> None:
+    run = await start(runtime, ["sleep", "30"])
+    with pytest.raises(ExecError) as caught:
+        run.proc.resize(100, 30)
+    expect_error(ErrorCode.FAILED_PRECONDITION, "terminal")(caught.value)
+    assert run.proc.terminal_size is None
+    tty = await start(runtime, ["sleep", "30"], tty=True)
+    with pytest.raises(ExecError) as caught:
+        tty.proc.resize(0, 30)
+    expect_error(ErrorCode.INVALID_ARGUMENT)(caught.value)
+    await run.proc.kill()
+    await tty.proc.kill()
+
+
+async def test_tty_through_the_python_trampoline(
+    runtime: ProcessRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where util-linux ``setsid -c`` is missing, a Python trampoline sets the terminal."""
+    trampoline = (sys.executable, "-I", "-S", "-c", _process._CTTY_TRAMPOLINE)
+    monkeypatch.setattr(_process, "_ctty_prefix", lambda: trampoline)
+    run = await start(runtime, ["sh", "-c", "stty size; exec tty"], tty=True, width=90, height=20)
+    assert await run.wait() == 0
+    size, tty = run.stdout.text.splitlines()
+    assert size == "20 90"
+    assert tty.startswith("/dev/pts/")
+
+
+# --- control ------------------------------------------------------------------------------
+
+
+async def test_pause_stops_every_process_and_resume_restarts_them(
+    any_runtime: ProcessRuntime, tmp_path: Path
+) -> None:
+    ticks = tmp_path / "ticks"
+    script = (
+        f"setsid sh -c 'while :; do echo >> {ticks}; sleep 0.01; done' & "
+        "i=0; while :; do i=$((i+1)); echo $i; sleep 0.01; done"
+    )
+    run = await start(any_runtime, ["sh", "-c", script])
+    await eventually(
+        lambda: run.stdout.data.count(b"\n") > 3 and ticks.exists(), "the counters to count"
+    )
+
+    def counts() -> tuple[int, int]:
+        return run.stdout.data.count(b"\n"), ticks.stat().st_size
+
+    await any_runtime.pause("c1")
+    await asyncio.sleep(0.1)  # output already in the pipe still arrives
+    paused = counts()
+    await asyncio.sleep(0.5)
+    assert counts() == paused
+    await any_runtime.resume("c1")
+    await eventually(
+        lambda: all(now > then + 3 for now, then in zip(counts(), paused, strict=True)),
+        "both counters to advance again",
+    )
+    await run.proc.kill()
+
+
+async def test_signal_one_exec_or_the_whole_container(any_runtime: ProcessRuntime) -> None:
+    script = 'trap "echo got; exit 3" USR1; echo ready; while :; do sleep 0.05; done'
+    first = await start(any_runtime, ["sh", "-c", script])
+    second = await start(any_runtime, ["sh", "-c", "setsid sleep 100 & echo $!; sleep 100"])
+    await eventually(lambda: first.stdout.data and second.pids(), "both execs to start")
+    (escaped,) = second.pids()
+
+    any_runtime.signal("c1", signal.SIGUSR1, first.proc.exec_id)
+    assert await first.wait() == 3
+    assert first.stdout.data == b"ready\ngot\n"
+    assert second.proc.exit_code is None and exists(escaped)
+
+    any_runtime.signal("c1", signal.SIGTERM)
+    assert await second.wait() == 128 + 15
+    await eventually(lambda: not exists(escaped), "the setsid grandchild to die of SIGTERM")
+
+
+async def test_kill_kills_the_whole_tree(any_runtime: ProcessRuntime) -> None:
+    script = "setsid sleep 100 & echo $!; sleep 100 & echo $!; env -i setsid sleep 100 & wait"
+    run = await start(any_runtime, ["sh", "-c", script])
+    await eventually(lambda: len(run.pids()) == 2, "the sleeps to start")
+    await eventually(lambda: len(any_runtime.processes_of("c1")) == 4, "four processes")
+    tree = any_runtime.processes_of("c1")
+    assert run.proc.pid in tree
+    assert set(run.pids()) < set(tree)
+    await run.proc.kill()
+    assert await run.wait() == 128 + 9
+    assert not [pid for pid in tree if exists(pid)]
+    assert any_runtime.processes_of("c1") == []
+
+
+async def test_kill_and_sigkill_while_paused(any_runtime: ProcessRuntime) -> None:
+    first = await start(any_runtime, ["sh", "-c", "setsid sleep 100 & sleep 100"])
+    second = await start(any_runtime, ["sleep", "100"])
+    await eventually(lambda: len(any_runtime.processes_of("c1")) == 4, "four processes")
+    await any_runtime.pause("c1")
+    await first.proc.kill()
+    assert await first.wait() == 128 + 9
+    any_runtime.signal("c1", signal.SIGKILL, second.proc.exec_id)
+    assert await second.wait() == 128 + 9
+    assert any_runtime.processes_of("c1") == []
+    await any_runtime.resume("c1")
+
+
+async def test_spawn_into_a_paused_container_fails(any_runtime: ProcessRuntime) -> None:
+    run = await start(any_runtime, ["sleep", "100"])
+    await any_runtime.pause("c1")
+    with pytest.raises(ExecError) as caught:
+        await start(any_runtime, ["true"])
+    expect_error(ErrorCode.FAILED_PRECONDITION, "paused")(caught.value)
+    await any_runtime.resume("c1")
+    await run.proc.kill()
+
+
+async def test_close_leaves_no_process_and_no_dir(any_runtime: ProcessRuntime) -> None:
+    runs = [
+        await start(any_runtime, ["sh", "-c", "setsid sleep 100 & echo $!; sleep 100"]),
+        await start(any_runtime, ["sh", "-c", "sleep 100 & echo $!; exit 0"], container="c2"),
+        await start(any_runtime, ["sh", "-c", "echo $$; sleep 100"], container="c3", tty=True),
+    ]
+    await eventually(lambda: all(run.pids() for run in runs), "every exec to start")
+    pids = [pid for run in runs for pid in [run.proc.pid, *run.pids()]]
+    await any_runtime.pause("c1")
+    await any_runtime.close()
+    assert not [pid for pid in pids if exists(pid)]
+    assert not (any_runtime.state_dir / "containers").exists()
+    for run in runs:
+        await run.wait()  # resolves: nothing is left to wait for
+    await any_runtime.close()  # idempotent
+
+
+async def test_orphans_are_reaped_while_the_exec_is_kept(any_runtime: ProcessRuntime) -> None:
+    quiet = ">/dev/null 2>&1"
+    script = f"setsid sleep 0.5 {quiet} & echo $!; sleep 0.5 {quiet} & echo $!"
+    run = await start(any_runtime, ["sh", "-c", script])
+    assert await run.wait() == 0
+    orphans = run.pids()
+    assert len(orphans) == 2
+    # The server is their subreaper: once they exit the sweep reaps them, no zombie stays.
+    assert all(f") S {os.getpid()} " in Path(f"/proc/{p}/stat").read_text() for p in orphans)
+    await eventually(lambda: not any(exists(pid) for pid in orphans), "the orphans to be reaped")
+
+
+async def test_a_zombie_left_in_the_session_is_reaped(any_runtime: ProcessRuntime) -> None:
+    # sleep never waits for the true it inherits: once sleep exits, true is our zombie.
+    run = await start(any_runtime, ["sh", "-c", "true & echo $!; exec sleep 0.3"])
+    assert await run.wait() == 0
+    (zombie,) = run.pids()
+    await eventually(lambda: not exists(zombie), "the zombie to be reaped")
+
+
+async def test_stale_freezer_groups_of_a_dead_server_are_removed(tmp_path: Path) -> None:
+    mount = _process._cgroup_mount("freezer")
+    if mount is None or not os.access(mount, os.W_OK):
+        pytest.skip("no writable cgroup v1 freezer")
+    stale = mount / "execstream" / "999999999.deadbeef"  # beyond pid_max: never alive
+    (stale / "1").mkdir(parents=True)
+    rt = ProcessRuntime(tmp_path / "state", cgroup_freezer=True)
+    try:
+        assert rt.pause_method == "freezer"
+        assert not stale.exists()
+    finally:
+        await closed_and_clean(rt)
+        if (stale / "1").exists():
+            (stale / "1").rmdir()
+            stale.rmdir()
+
+
+async def test_processes_of_finds_an_escaped_process_with_a_clean_env(
+    any_runtime: ProcessRuntime,
+) -> None:
+    # The escapee's parent exits at once, so only the subreaper and earlier scans keep it.
+    run = await start(any_runtime, ["sh", "-c", "env -i setsid sleep 100 & echo $!"])
+    assert await run.wait() == 0
+    (escaped,) = run.pids()
+    assert escaped in any_runtime.processes_of("c1")
+    await run.proc.kill()
+    assert not exists(escaped)
+
+
+async def test_container_dir_lives_as_long_as_its_execs(runtime: ProcessRuntime) -> None:
+    directory = runtime.container_dir("c9")
+    assert directory == runtime.state_dir / "containers" / "c9"
+    assert not directory.exists()
+    first = await start(runtime, ["sh", "-c", "echo data > file"], container="c9")
+    second = await start(runtime, ["sleep", "100"], container="c9")
+    assert await first.wait() == 0
+    assert (directory / "file").read_text() == "data\n"
+    first.proc.release()
+    assert directory.is_dir()
+    await second.proc.kill()
+    second.proc.release()
+    assert not directory.exists()
+
+
+# --- usage --------------------------------------------------------------------------------
+
+_BURNER = """
+import sys, time
+ballast = bytearray(50 << 20)
+for i in range(0, len(ballast), 4096):
+    ballast[i] = 1
+print("ready", flush=True)
+end = time.monotonic() + 30
+while time.monotonic() < end:
+    pass
+"""
+
+
+async def test_usage_counts_memory_and_cpu(runtime: ProcessRuntime) -> None:
+    idle = await start(runtime, ["sleep", "100"])
+    run = await start(runtime, ["python3", "-c", _BURNER])
+    await eventually(lambda: b"ready" in run.stdout.data, "the burner to allocate")
+    first = runtime.usage("c1")
+    assert first.memory_bytes >= 40 << 20
+    assert first.cpu_percent >= 0
+    runtime.usage("c1", run.proc.exec_id)
+    await asyncio.sleep(0.5)
+    second = runtime.usage("c1")
+    assert second.memory_bytes >= 40 << 20
+    assert second.cpu_percent > 50
+    assert second.memory_limit >= 0
+    assert second.io_read_bytes >= 0 and second.io_write_bytes >= 0
+    own = runtime.usage("c1", run.proc.exec_id)
+    assert own.cpu_percent > 50
+    assert own.memory_bytes >= 40 << 20
+    quiet = runtime.usage("c1", idle.proc.exec_id)
+    assert quiet.memory_bytes < 20 << 20
+    assert quiet.cpu_percent < 20
+    await run.proc.kill()
+    await idle.proc.kill()
+    after = runtime.usage("c1")
+    assert after.memory_bytes == 0
