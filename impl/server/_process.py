@@ -554,17 +554,38 @@ class _Freezer:
 
 
 def _remove_stale_groups(base: Path) -> None:
-    """Remove the empty groups of runtimes whose server died without closing them."""
+    """Clean up after runtimes whose server died without closing: nothing outlives its
+    container, so the processes still in a dead server's groups are killed (thawed first:
+    a frozen process dies only once thawed), then the groups are removed."""
     for root in base.iterdir():
         owner = root.name.partition(".")[0]
         if not root.is_dir() or not owner.isdigit() or Path(f"/proc/{owner}").exists():
             continue
         for group in [root, *(child for child in root.iterdir() if child.is_dir())][::-1]:
-            try:
-                group.rmdir()
-            except OSError:
+            for _ in range(50):
+                try:
+                    group.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    _kill_group_members(group)
+                    time.sleep(0.02)
+            else:
                 procs = (group / "cgroup.procs").read_text().split() if group.exists() else []
                 log.warning("freezer group %s of a dead server still holds %s", group, procs)
+
+
+def _kill_group_members(group: Path) -> None:
+    with contextlib.suppress(OSError):
+        (group / "freezer.state").write_text("THAWED")
+    try:
+        members = (group / "cgroup.procs").read_text().split()
+    except OSError:
+        return
+    for pid in members:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
 
 
 # --- stdio ------------------------------------------------------------------------------

@@ -402,7 +402,7 @@ async def test_tty_resize_reaches_stty_and_sigwinch(stub: wire.ExecStub) -> None
             got += chunk.stdout or b""
             if b"go" in got:
                 send_resize.set()
-            if b"winch" in got:
+            if b"winch" in got and not saw_winch.is_set():
                 saw_winch.set()
                 await stub.ContainerSignal(
                     wire.ContainerSignalRequest(container_id=c, signal="KILL")

@@ -11,6 +11,7 @@ import itertools
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -646,13 +647,14 @@ async def test_close_leaves_no_process_and_no_dir(any_runtime: ProcessRuntime) -
 
 async def test_orphans_are_reaped_while_the_exec_is_kept(any_runtime: ProcessRuntime) -> None:
     quiet = ">/dev/null 2>&1"
-    script = f"setsid sleep 0.5 {quiet} & echo $!; sleep 0.5 {quiet} & echo $!"
+    script = f"setsid sleep 2 {quiet} & echo $!; sleep 2 {quiet} & echo $!"
     run = await start(any_runtime, ["sh", "-c", script])
     assert await run.wait() == 0
     orphans = run.pids()
     assert len(orphans) == 2
     # The server is their subreaper: once they exit the sweep reaps them, no zombie stays.
-    assert all(f") S {os.getpid()} " in Path(f"/proc/{p}/stat").read_text() for p in orphans)
+    parents = [Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1] for p in orphans]
+    assert parents == [str(os.getpid())] * 2
     await eventually(lambda: not any(exists(pid) for pid in orphans), "the orphans to be reaped")
 
 
@@ -679,6 +681,32 @@ async def test_stale_freezer_groups_of_a_dead_server_are_removed(tmp_path: Path)
         if (stale / "1").exists():
             (stale / "1").rmdir()
             stale.rmdir()
+
+
+async def test_processes_left_by_a_dead_server_are_killed(tmp_path: Path) -> None:
+    """Nothing outlives its container, even when the server died without closing."""
+    mount = _process._cgroup_mount("freezer")
+    if mount is None or not os.access(mount, os.W_OK):
+        pytest.skip("no writable cgroup v1 freezer")
+    stale = mount / "execstream" / "999999998.deadbeef"  # beyond pid_max: never alive
+    (stale / "1").mkdir(parents=True)
+    leftover = subprocess.Popen(["sleep", "100"], start_new_session=True)
+    try:
+        (stale / "1" / "cgroup.procs").write_text(str(leftover.pid))
+        (stale / "1" / "freezer.state").write_text("FROZEN")
+        rt = ProcessRuntime(tmp_path / "state", cgroup_freezer=True)
+        try:
+            assert leftover.wait(timeout=10) == -signal.SIGKILL
+            assert not stale.exists()
+        finally:
+            await closed_and_clean(rt)
+    finally:
+        if leftover.poll() is None:
+            leftover.kill()
+            leftover.wait()
+        for group in (stale / "1", stale):
+            if group.exists():
+                group.rmdir()
 
 
 async def test_processes_of_finds_an_escaped_process_with_a_clean_env(
