@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._cli_client import add_client_commands
 from .server import ExecServer, Limits, ServerSettings
 
 __all__ = ["main"]
@@ -150,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_serve(sub)
     _add_demo(sub)
+    from .conformance._cli import add_conformance_command
+
+    add_conformance_command(sub)
+    add_client_commands(sub)
     args = parser.parse_args(argv)
     code: int = args.run(args)
     return code

@@ -1485,10 +1485,11 @@ class ProcessRuntime:
             if not running:
                 return
             if time.monotonic() > deadline:
+                states = ", ".join(f"{pid} in state {stats[pid].state}" for pid in running)
                 raise ExecError(
                     ErrorCode.UNAVAILABLE,
-                    f"processes {running} of container {container_id!r} did not stop "
-                    f"within {_STOP_TIMEOUT:.0f} s",
+                    f"processes of container {container_id!r} did not stop within "
+                    f"{_STOP_TIMEOUT:.0f} s: {states}",
                 )
             for pid in running:
                 _send(pid, signal.SIGSTOP)

@@ -40,13 +40,29 @@ class ProcessRunner:
         env: Mapping[str, str],
         working_dir: str,
         tty: bool,
+        terminal_size: tuple[int, int] | None = None,
     ) -> ExecRecord:
         """PROTOCOL 3.2: register the exec, start its process and supervise it to its exit."""
         for key in env:
             if not key or "=" in key or "\0" in key:
                 raise ExecError(ErrorCode.INVALID_ARGUMENT, f"env key {key!r} is not valid")
+        width, height = terminal_size or (80, 24)
+        if tty and not (0 < width <= 65535 and 0 < height <= 65535):  # PROTOCOL 7.3
+            raise ExecError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"terminal_size must be 1-65535 each, got {width}x{height}",
+            )
         handle = self.executor.register(container_id, exec_id, tty=tty)
-        spec = ExecSpec(command=list(command), env=dict(env), working_dir=working_dir, tty=tty)
+        if tty:
+            handle.record.terminal_size = (width, height)
+        spec = ExecSpec(
+            command=list(command),
+            env=dict(env),
+            working_dir=working_dir,
+            tty=tty,
+            width=width,
+            height=height,
+        )
         try:
             proc = await self.runtime.spawn(
                 container_id, exec_id, spec, handle.stdout, handle.stderr

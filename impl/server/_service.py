@@ -158,6 +158,8 @@ class ExecService:
                 yield response
         except ExecError as error:
             failure = error
+        except wire.MalformedMessage as error:  # PROTOCOL 2.5
+            failure = ExecError(ErrorCode.INVALID_ARGUMENT, str(error))
         except Exception:
             log.exception("internal error in Session")
             failure = _INTERNAL
@@ -215,6 +217,11 @@ class ExecService:
             env=start.env,
             working_dir=start.working_dir,
             tty=start.tty,
+            terminal_size=(
+                (start.terminal_size.width, start.terminal_size.height)
+                if start.terminal_size is not None
+                else None
+            ),
         )
         return record, self.registry.attach(record, 0)
 
@@ -300,6 +307,9 @@ class ExecService:
                     raise ExecError(ErrorCode.INVALID_ARGUMENT, "a message with no member set")
         except ExecError as error:
             failure.append(error)
+            wake.set()
+        except wire.MalformedMessage as error:  # PROTOCOL 2.5
+            failure.append(ExecError(ErrorCode.INVALID_ARGUMENT, str(error)))
             wake.set()
 
     async def _stdin(self, record: ExecRecord, data: bytes) -> None:

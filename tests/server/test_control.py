@@ -423,6 +423,20 @@ async def test_tty_resize_reaches_stty_and_sigwinch(stub: wire.ExecStub) -> None
     assert bad.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def test_initial_terminal_size_from_start(stub: wire.ExecStub) -> None:
+    """PROTOCOL 7.3: the process sees Start.terminal_size from its first instruction."""
+    c = cid()
+    sized = await run(
+        stub, c, "sized", "stty", "size", tty=True, terminal_size=wire.Resize(width=100, height=30)
+    )
+    assert sized.exit_code == 0 and sized.stdout.strip() == b"30 100"
+    assert sized.readies[0].terminal_size == wire.Resize(width=100, height=30)
+    bad = await run(
+        stub, c, "bad", "stty", "size", tty=True, terminal_size=wire.Resize(width=0, height=30)
+    )
+    assert bad.code == grpc.StatusCode.INVALID_ARGUMENT and "terminal_size" in bad.details
+
+
 async def test_interactive_shell_on_a_tty_answers_stdin(stub: wire.ExecStub) -> None:
     c = cid()
     answered = asyncio.Event()

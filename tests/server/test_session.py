@@ -271,6 +271,53 @@ async def test_first_message_must_be_start(stub: wire.ExecStub) -> None:
         assert "start" in result.details
 
 
+# (bytes, whether the parser itself must reject them).  betterproto2 reads the last two as
+# an empty Start and an empty message: they are still refused, by the Session rules.
+GARBAGE = [
+    (b"\x08\xff", True),  # truncated varint
+    (b"\x12\x01a\x1a\x00", True),  # two members of one oneof (stdin and resize)
+    (b"\x0a\x05\x0a\x02\xff\xfe", True),  # start.container_id is not UTF-8
+    (b"\x0a\x02\xff\xfe", False),
+    (b"\x0f", False),  # wire type 7
+]
+
+
+@pytest.mark.parametrize(("data", "parser_rejects"), GARBAGE)
+async def test_malformed_session_request_is_invalid_argument(
+    server: ExecServer, data: bytes, parser_rejects: bool
+) -> None:
+    """PROTOCOL 2.5: never UNKNOWN with a Python traceback, never a silent guess."""
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        raw = channel.stream_stream(wire.SESSION.path)
+
+        async def one() -> AsyncIterator[bytes]:
+            yield data
+
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            async for _ in raw(one()):
+                pass
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    if parser_rejects:
+        assert "SessionRequest" in (error.value.details() or "")
+
+
+@pytest.mark.parametrize("method", [m for m in wire.METHODS if m.name != "Session"])
+async def test_malformed_unary_requests_are_invalid_argument(
+    server: ExecServer, method: wire.Method[object, object]
+) -> None:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        if method.arity is wire.Arity.UNARY_STREAM:
+            call = channel.unary_stream(method.path)(b"\x0a\x02\xff\xfe")
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                async for _ in call:
+                    pass
+        else:
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await channel.unary_unary(method.path)(b"\x0a\x02\xff\xfe")
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert method.request_type.__name__ in (error.value.details() or "")
+
+
 async def test_second_start_is_invalid(stub: wire.ExecStub) -> None:
     c, e = ids()
     hold = asyncio.Event()

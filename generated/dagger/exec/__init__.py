@@ -417,5 +417,13 @@ class Start(betterproto2.Message):
     Optional free-form client name, used in server logs only [3.4].
     """
 
+    terminal_size: "Resize | None" = betterproto2.field(
+        10, betterproto2.TYPE_MESSAGE, optional=True
+    )
+    """
+    Added by execstream: the initial terminal size of a TTY exec created by this
+    Start, applied before the process starts; unset means 80x24 [7.3].
+    """
+
 
 default_message_pool.register_message("dagger.exec", "Start", Start)

@@ -1,0 +1,53 @@
+"""An engine that embeds the service in its own grpc.aio server and feeds execs through the
+executor API (DESIGN: the executor API; README: "Embedding it in an engine")."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import grpc.aio
+import pytest
+from sessions import attach
+
+from execstream import wire
+from execstream.server import ExecAttachable, Executor, Registry
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_engine_fed_exec_reaches_every_client_and_is_swept() -> None:
+    server = grpc.aio.server()
+    attachable = ExecAttachable(Executor(Registry()), retention=0.3, cleanup_interval=0.1)
+    attachable.add_to_server(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    await attachable.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = wire.ExecStub(channel)
+            handle = attachable.executor.register("engine-c", "engine-e")
+            handle.started()
+            early = asyncio.create_task(attach(stub, "engine-c", "engine-e"))
+            await asyncio.sleep(0.1)
+            handle.stdout.write(b"from the engine\n")
+            handle.stderr.write(b"and its stderr\n")
+            handle.exit(5)
+            late = await attach(stub, "engine-c", "engine-e")
+            for result in (await early, late):
+                assert result.code == grpc.StatusCode.OK, result.details
+                assert result.stdout == b"from the engine\n"
+                assert result.stderr == b"and its stderr\n"
+                assert result.exit_code == 5
+            # Without a runtime this server cannot create execs or control processes.
+            created = await attach(stub, "engine-c", "other")
+            assert created.code == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await stub.ContainerPause(wire.ContainerControlRequest(container_id="engine-c"))
+            assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            await asyncio.sleep(0.3 + 0.1 + 0.3)
+            gone = await attach(stub, "engine-c", "engine-e")
+            assert gone.code == grpc.StatusCode.NOT_FOUND
+    finally:
+        await attachable.close()
+        await server.stop(None)
