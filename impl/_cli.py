@@ -17,14 +17,18 @@ from .server import ExecServer, Limits, ServerSettings
 __all__ = ["main"]
 
 
-def _positive(kind: type[int] | type[float]):  # type: ignore[no-untyped-def]
-    def parse(text: str) -> int | float:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
-    return parse
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -53,27 +57,27 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument(
         "--cleanup-interval",
-        type=_positive(float),
+        type=_positive_float,
         default=30.0,
         help="seconds between retention sweeps (default %(default)s)",
     )
-    p.add_argument("--max-execs", type=_positive(int), default=defaults.max_execs)
+    p.add_argument("--max-execs", type=_positive_int, default=defaults.max_execs)
     p.add_argument(
-        "--max-execs-per-container", type=_positive(int), default=defaults.max_execs_per_container
+        "--max-execs-per-container", type=_positive_int, default=defaults.max_execs_per_container
     )
     p.add_argument(
-        "--max-clients-per-exec", type=_positive(int), default=defaults.max_clients_per_exec
+        "--max-clients-per-exec", type=_positive_int, default=defaults.max_clients_per_exec
     )
-    p.add_argument("--max-subscribers", type=_positive(int), default=defaults.max_subscribers)
+    p.add_argument("--max-subscribers", type=_positive_int, default=defaults.max_subscribers)
     p.add_argument(
         "--history-bytes",
-        type=_positive(int),
+        type=_positive_int,
         default=defaults.history_bytes,
         help="output history kept per exec for replay (default %(default)s)",
     )
     p.add_argument(
         "--stdin-bytes",
-        type=_positive(int),
+        type=_positive_int,
         default=defaults.stdin_bytes,
         help="largest stdin message accepted (default %(default)s)",
     )

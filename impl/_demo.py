@@ -52,10 +52,11 @@ async def run_demo() -> int:
         print(f"exec demo/hello runs: sh -c '{SCRIPT}'")
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = wire.ExecStub(channel)
-            early, late = Seen("client A"), Seen("client B, joins after 0.8 s")
+            early, late = Seen("client A"), Seen("client B")
             create = wire.Start(container_id="demo", exec_id="hello", command=["sh", "-c", SCRIPT])
             first = asyncio.create_task(_follow(stub, early, create))
             await asyncio.sleep(0.8)
+            print("  -- client B attaches now, from the start of the history --")
             attach = wire.Start(container_id="demo", exec_id="hello", replay_from_sequence=0)
             await asyncio.gather(first, _follow(stub, late, attach))
     same = early.chunks == late.chunks and early.exit_code == late.exit_code

@@ -1,0 +1,165 @@
+"""``execstream serve`` and ``execstream demo`` as a user runs them: real subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+
+from execstream import wire
+
+class Served:
+    def __init__(self, process: subprocess.Popen[str], address: str) -> None:
+        self.process = process
+        self.address = address
+
+    def stop(self, signum: int = signal.SIGTERM) -> tuple[int, str]:
+        self.process.send_signal(signum)
+        _, err = self.process.communicate(timeout=20)
+        return self.process.returncode, err
+
+
+@pytest.fixture
+def serve_cli(tmp_path: Path) -> Iterator[object]:
+    started: list[subprocess.Popen[str]] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Served:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "execstream", "serve", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        started.append(process)
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("listening on "), line + (
+            process.stderr.read() if process.stderr else ""
+        )
+        return Served(process, line.split()[-1])
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+async def _run(address: str, command: list[str], metadata: tuple[tuple[str, str], ...] = ()) -> int:
+    async def requests():  # type: ignore[no-untyped-def]
+        yield wire.SessionRequest(
+            start=wire.Start(container_id="cli", exec_id=uuid.uuid4().hex[:8], command=command)
+        )
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        code = -1
+        async for response in wire.ExecStub(channel).Session(requests(), metadata=metadata):
+            if response.exit is not None:
+                code = response.exit
+        return code
+
+
+async def test_port_zero_prints_the_address_and_sigterm_stops_cleanly(serve_cli) -> None:  # type: ignore[no-untyped-def]
+    served = serve_cli("--listen", "127.0.0.1:0", "--retention", "5")
+    host, _, port = served.address.rpartition(":")
+    assert host == "127.0.0.1" and int(port) > 0
+    assert await _run(served.address, ["sh", "-c", "exit 4"]) == 4
+    code, err = served.stop()
+    assert code == 0
+    assert "started" in err and "exited with 4" in err, err
+
+
+async def test_sigint_ends_streams_with_unavailable_and_kills_the_exec(
+    serve_cli, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    served = serve_cli("--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "state"))
+    pidfile = tmp_path / "pid"
+    session = asyncio.create_task(
+        _run(served.address, ["sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"])
+    )
+    for _ in range(200):
+        if pidfile.exists() and pidfile.read_text().strip():
+            break
+        await asyncio.sleep(0.05)
+    pid = int(pidfile.read_text())
+    code, err = await asyncio.to_thread(served.stop, signal.SIGINT)
+    assert code == 0, err
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await session
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in (error.value.details() or "")
+    assert not _alive(pid)
+
+
+async def test_unix_socket_is_owner_only(serve_cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    socket_path = tmp_path / "exec.sock"
+    served = serve_cli("--listen", f"unix:{socket_path}")
+    assert served.address == f"unix:{socket_path}"
+    assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
+    assert await _run(served.address, ["true"]) == 0
+    assert served.stop()[0] == 0
+    assert not socket_path.exists()
+
+
+async def test_token_from_the_environment(serve_cli) -> None:  # type: ignore[no-untyped-def]
+    served = serve_cli("--listen", "127.0.0.1:0", env={"EXECSTREAM_TOKEN": "tok"})
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await _run(served.address, ["true"])
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert await _run(served.address, ["true"], (("authorization", "Bearer tok"),)) == 0
+
+
+def test_bad_flags_are_a_clear_error() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "execstream",
+            "serve",
+            "--retention",
+            "-1",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "retention" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "execstream", "serve", "--max-execs", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2 and "must be > 0" in result.stderr
+
+
+def test_demo_shows_two_identical_streams_and_the_exit_code() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "execstream", "demo"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[client B] #1 stdout: tick 1 (replay)" in result.stdout
+    assert "[client A] exit 3" in result.stdout and "[client B] exit 3" in result.stdout
+    assert "both clients saw the same bytes in the same order" in result.stdout
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
