@@ -18,6 +18,7 @@ import pytest
 
 from execstream import wire
 
+
 class Served:
     def __init__(self, process: subprocess.Popen[str], address: str) -> None:
         self.process = process
