@@ -458,3 +458,30 @@ async def test_interactive_shell_on_a_tty_answers_stdin(stub: wire.ExecStub) -> 
             code = response.exit
     assert b"42-answer" in got
     assert code == 5
+
+
+async def test_lifecycle_subscriber_behind_the_history_is_told_the_gap() -> None:
+    """PROTOCOL 8.4, 8.5: events evicted before a subscriber read them are counted."""
+    from execstream.server import Limits
+
+    async with (
+        serve(limits=Limits(event_history=8)) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        stub = wire.ExecStub(channel)
+        c = cid()
+        for i in range(4):  # 4 execs: created + 4 x (registered, started, exited) = 13 events
+            assert (await run(stub, c, f"e{i}", "true")).exit_code == 0
+        call = stub.ContainerLifecycle(wire.ContainerLifecycleRequest(replay_from_sequence=1))
+        metadata = dict(await call.initial_metadata())
+        last = int(metadata["execstream-last-sequence"])
+        events = []
+        async for event in call:
+            events.append(event)
+            if event.sequence == last:
+                break
+        call.cancel()
+        assert events[0].gap_before == last - 8, "the evicted events are counted, not hidden"
+        assert events[0].sequence == last - 8 + 1
+        assert [e.sequence for e in events] == list(range(last - 7, last + 1))
+        assert all(e.is_replay for e in events)
