@@ -23,8 +23,9 @@ called on the event loop thread.
 reference machine) each exec gets a freezer cgroup of its own,
 ``<freezer>/execstream/<server pid>.<random>/<n>``: the spawning thread joins it for the
 instant of the fork (cgroup v1 moves single threads), so the child is born inside and every
-descendant, ``setsid`` or not, stays there unless it writes cgroup files itself.  Empty groups
-of a server that died without ``close`` are removed by the next runtime that starts.
+descendant, ``setsid`` or not, stays there unless it writes cgroup files itself.  The groups
+of a server that died without ``close`` are emptied (their processes killed) and removed by the
+next runtime that starts.
 Without the freezer, a /proc scan attributes processes to execs by, in order: the processes
 recorded at earlier scans (pid and start time, so a reused pid is not mistaken), the exec's
 session, descent from a process already attributed, the ``EXECSTREAM_TAG`` marker read from
