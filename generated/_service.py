@@ -124,7 +124,7 @@ def _check_value(value: Any, hint: Any, where: str) -> None:
 
 
 @functools.cache
-def _hints(message_type: type[Any]) -> dict[str, Any]:
+def _hints(message_type: type[betterproto2.Message]) -> dict[str, Any]:
     return typing.get_type_hints(message_type)
 
 
@@ -149,7 +149,62 @@ def _check_message(message: betterproto2.Message) -> None:
 _M = TypeVar("_M")
 
 
+def _varint(data: bytes, at: int, where: str) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if at >= len(data) or shift > 63:
+            raise MalformedMessage(f"{where}: truncated varint")
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, at
+
+
+@functools.cache
+def _nested_types(message_type: type[betterproto2.Message]) -> dict[int, type[Any] | None]:
+    """Field number -> message type to scan inside (None: a length-delimited scalar)."""
+    nested: dict[int, type[Any] | None] = {}
+    for field in dataclasses.fields(message_type):  # type: ignore[arg-type]
+        meta = field.metadata["betterproto"]
+        hint = _hints(message_type)[field.name]
+        inner = [h for h in (hint, *typing.get_args(hint)) if isinstance(h, type)]
+        messages = [h for h in inner if issubclass(h, betterproto2.Message)]
+        nested[meta.number] = messages[0] if messages and meta.proto_type == "message" else None
+    return nested
+
+
+def _scan(data: bytes, message_type: type[betterproto2.Message], where: str = "") -> None:
+    """Check the wire framing that betterproto2 does not: wire types, varints, and lengths
+    that stay inside the message (a truncated field would otherwise be read short)."""
+    where = where or f"malformed {message_type.__name__}"
+    at = 0
+    while at < len(data):
+        key, at = _varint(data, at, where)
+        number, wire_type = key >> 3, key & 7
+        if number == 0:
+            raise MalformedMessage(f"{where}: field number 0")
+        if wire_type == 0:
+            _, at = _varint(data, at, where)
+        elif wire_type == 1 or wire_type == 5:
+            at += 8 if wire_type == 1 else 4
+            if at > len(data):
+                raise MalformedMessage(f"{where}: truncated field {number}")
+        elif wire_type == 2:
+            length, at = _varint(data, at, where)
+            if at + length > len(data):
+                raise MalformedMessage(f"{where}: field {number} runs past the end")
+            inner = _nested_types(message_type).get(number)
+            if inner is not None:
+                _scan(data[at : at + length], inner, f"{where}, field {number} {inner.__name__}")
+            at += length
+        else:
+            raise MalformedMessage(f"{where}: wire type {wire_type} in field {number}")
+
+
 def _parse_strict(message_type: type[_M], data: bytes) -> _M:
+    _scan(data, message_type)  # type: ignore[arg-type]
     try:
         message = message_type.FromString(data)  # type: ignore[attr-defined]
     except Exception as error:

@@ -694,14 +694,13 @@ async def test_processes_left_by_a_dead_server_are_killed(tmp_path: Path) -> Non
     try:
         (stale / "1" / "cgroup.procs").write_text(str(leftover.pid))
         (stale / "1" / "freezer.state").write_text("FROZEN")
-        rt = ProcessRuntime(tmp_path / "state", cgroup_freezer=True)
-        try:
-            assert leftover.wait(timeout=10) == -signal.SIGKILL
-            assert not stale.exists()
-        finally:
-            await closed_and_clean(rt)
+        _process._remove_stale_groups(mount / "execstream")
+        assert leftover.wait(timeout=10) == -signal.SIGKILL
+        assert not stale.exists()
     finally:
         if leftover.poll() is None:
+            if (stale / "1").exists():  # a frozen v1 task dies only once thawed
+                (stale / "1" / "freezer.state").write_text("THAWED")
             leftover.kill()
             leftover.wait()
         for group in (stale / "1", stale):

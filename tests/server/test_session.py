@@ -246,9 +246,10 @@ async def test_cancelled_client_affects_no_other_client(stub: wire.ExecStub) -> 
     script = "for i in $(seq 1 30); do echo $i; sleep 0.02; done"
     hold = asyncio.Event()
     creator = stub.Session(requests(start(c, e, "sh", "-c", script), hold=hold))
-    other = asyncio.create_task(attach(stub, c, e))
-    async for _ in creator:
+    async for _ in creator:  # Ready: the exec exists
         break
+    other = asyncio.create_task(attach(stub, c, e))
+    await asyncio.sleep(0.05)
     creator.cancel()
     result = await other
     assert result.code == grpc.StatusCode.OK
@@ -271,14 +272,14 @@ async def test_first_message_must_be_start(stub: wire.ExecStub) -> None:
         assert "start" in result.details
 
 
-# (bytes, whether the parser itself must reject them).  betterproto2 reads the last two as
-# an empty Start and an empty message: they are still refused, by the Session rules.
+# (bytes, whether the parser itself must reject them).
 GARBAGE = [
     (b"\x08\xff", True),  # truncated varint
     (b"\x12\x01a\x1a\x00", True),  # two members of one oneof (stdin and resize)
     (b"\x0a\x05\x0a\x02\xff\xfe", True),  # start.container_id is not UTF-8
-    (b"\x0a\x02\xff\xfe", False),
-    (b"\x0f", False),  # wire type 7
+    (b"\x0a\x02\xff\xfe", True),  # a Start whose first key is a truncated varint
+    (b"\x0f", True),  # wire type 7
+    (b"\x0a\x20\x0a\x01c", True),  # start runs past the end of the message
 ]
 
 

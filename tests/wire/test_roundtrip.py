@@ -246,6 +246,7 @@ starts = _message(
         "session_id": TEXT,
         "replay_from_sequence": UINT64,
         "client_id": TEXT,
+        "terminal_size": optional(resizes),
     },
 )
 readies = _message(
