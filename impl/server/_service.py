@@ -122,8 +122,7 @@ class ExecService:
 
     def _admit(self, context: _Ctx) -> None:
         self._authorize(context)
-        if self._closing:
-            raise ExecError(ErrorCode.UNAVAILABLE, "server shutting down")
+        self._check_live()
 
     async def _unary(self, context: _Ctx, call: Callable[[], Awaitable[_R]]) -> _R:
         try:
@@ -137,6 +136,7 @@ class ExecService:
         await _abort(context, failure)
 
     def _check_live(self) -> None:
+        """PROTOCOL 13.2."""
         if self._closing:
             raise ExecError(ErrorCode.UNAVAILABLE, "server shutting down")
 
