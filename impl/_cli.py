@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ._cli_client import add_client_commands
 from .server import ExecServer, Limits, ServerSettings
+from .server._log import MAX_CHUNK, MIN_OUTPUT_LIMIT
 
 __all__ = ["main"]
 
@@ -21,6 +22,40 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+_UNITS.update({"ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40})
+
+
+def _bytes(text: str) -> int:
+    """A size: ``1048576``, ``64KiB``, ``4MiB``, ``1GiB`` (or ``k``/``M``/``G``, powers of 1000)."""
+    number = text.strip().rstrip("bB")
+    unit = ""
+    while number and number[-1].isalpha():
+        unit = number[-1].lower() + unit
+        number = number[:-1]
+    if unit not in _UNITS or not number.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 1048576, 64MiB)")
+    return int(number) * _UNITS[unit]
+
+
+def _output_limit(text: str) -> int:
+    value = _bytes(text)
+    if 0 < value < MIN_OUTPUT_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"must be 0 (no limit) or at least {MIN_OUTPUT_LIMIT} bytes, got {text}"
+        )
+    return value
+
+
+def _cache_size(text: str) -> int:
+    value = _bytes(text)
+    if value < MAX_CHUNK:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MAX_CHUNK} bytes (one chunk), got {text}"
+        )
     return value
 
 
@@ -70,10 +105,31 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--max-subscribers", type=_positive_int, default=defaults.max_subscribers)
     p.add_argument(
-        "--history-bytes",
-        type=_positive_int,
-        default=defaults.history_bytes,
-        help="output history kept per exec for replay (default %(default)s)",
+        "--max-output-bytes",
+        type=_output_limit,
+        default=defaults.max_output_bytes,
+        metavar="SIZE",
+        help="output retained per exec, on disk, for slow and late clients; past it the "
+        "oldest output is evicted and clients that miss it are told of a gap "
+        "(PROTOCOL 6.5; 0: no limit; default %(default)s = 1GiB)",
+    )
+    p.add_argument(
+        "--memory-cache-bytes",
+        "--history-bytes",  # its name before output was retained on disk
+        dest="memory_cache_bytes",
+        type=_cache_size,
+        default=defaults.memory_cache_bytes,
+        metavar="SIZE",
+        help="newest output of each running exec also kept in memory: a cache, clients "
+        "behind it read from disk and lose nothing (default %(default)s = 4MiB)",
+    )
+    p.add_argument(
+        "--max-stored-bytes",
+        type=_output_limit,
+        default=defaults.max_stored_bytes,
+        metavar="SIZE",
+        help="cap on the output stored for all execs together; past it the oldest output "
+        "of any exec is evicted first (0: no cap; default %(default)s)",
     )
     p.add_argument(
         "--stdin-bytes",
@@ -97,7 +153,9 @@ async def _serve_async(args: argparse.Namespace) -> int:
         max_execs_per_container=args.max_execs_per_container,
         max_clients_per_exec=args.max_clients_per_exec,
         max_subscribers=args.max_subscribers,
-        history_bytes=args.history_bytes,
+        max_output_bytes=args.max_output_bytes,
+        memory_cache_bytes=args.memory_cache_bytes,
+        max_stored_bytes=args.max_stored_bytes,
         stdin_bytes=args.stdin_bytes,
     )
     settings = ServerSettings(

@@ -7,7 +7,7 @@ hand execs over with ``attachable.executor.register(...)`` (see :class:`Executor
 
 from ._errors import ErrorCode, ExecError
 from ._executor import ExecHandle, Executor, TeeWriter
-from ._log import MAX_CHUNK, Chunk, Cursor, ExecLog, Read, SequencedLog, Stream
+from ._log import MAX_CHUNK, Chunk, Cursor, ExecLog, Read, SequencedLog, StorageBudget, Stream
 from ._process import ExecSpec, ProcessExec, ProcessRuntime, ResourceSample
 from ._registry import (
     ContainerRecord,
@@ -22,13 +22,16 @@ from ._runner import ProcessRunner
 from ._server import ExecAttachable, ExecServer, RetentionSweeper, ServerSettings
 from ._service import STATUS_OF, ExecService, parse_signal
 from ._state import ExecEvent, ExecState, IllegalTransition
+from ._storage import ChunkStorage, DirectoryArea, MemoryArea, StorageArea
 
 __all__ = [
     "MAX_CHUNK",
     "STATUS_OF",
     "Chunk",
+    "ChunkStorage",
     "ContainerRecord",
     "Cursor",
+    "DirectoryArea",
     "ErrorCode",
     "EventLog",
     "ExecAttachable",
@@ -46,6 +49,7 @@ __all__ = [
     "IllegalTransition",
     "LifecycleEvent",
     "Limits",
+    "MemoryArea",
     "ProcessExec",
     "ProcessRunner",
     "ProcessRuntime",
@@ -55,6 +59,8 @@ __all__ = [
     "RetentionSweeper",
     "SequencedLog",
     "ServerSettings",
+    "StorageArea",
+    "StorageBudget",
     "Stream",
     "TeeWriter",
     "parse_signal",

@@ -1,31 +1,63 @@
-"""Bounded, sequenced logs: one per exec for its output, one per server for lifecycle events.
+"""Sequenced logs: one per exec for its output, one per server for lifecycle events.
 
 Theory of operation.  Items are appended once and numbered from 1 with no gap (PROTOCOL 4.2,
-8.2).  The log keeps the newest items within a budget (bytes for output, a count for events)
-and evicts the oldest first, but always keeps the newest item, so that a reader that fell
-behind always meets an item that can report the gap (PROTOCOL 6.4).  Readers are cursors: a
-reader holds only the next sequence it wants, so fan-out to N readers stores nothing N times,
-and replay and live reading are the same read (PROTOCOL 6.1).  Appending never waits for a
-reader (PROTOCOL 6.6): it notifies listeners, plain callables, and returns.
+8.2).  Readers are cursors: a reader holds only the next sequence it wants, so fan-out to N
+readers stores nothing N times, and replay and live reading are the same read (PROTOCOL 6.1).
+Appending never waits for a reader (PROTOCOL 6.6): it notifies listeners, plain callables,
+and returns.  A log evicts only its oldest items, and always keeps the newest, so a reader that
+fell behind an eviction always meets an item that can report the gap (PROTOCOL 6.4, 8.5).
 
-No I/O and no asyncio or grpc imports.
+:class:`SequencedLog` keeps its items in memory within a budget (the event log, 8.5).
+:class:`ExecLog` keeps an exec's output in its storage, every chunk from sequence 1, up to the
+per-exec output limit (PROTOCOL 6.5): the storage is the log, and memory holds only the newest
+chunks as a cache, so a reader far behind reads the very same chunks back from storage
+(PROTOCOL 6.7) and memory grows neither with the output nor with how far behind readers are.
+The storage is injected (``_storage``); this module does no I/O of its own and imports neither
+asyncio nor grpc.
 """
 
 from __future__ import annotations
 
+import bisect
+import collections
 import enum
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from ._errors import ErrorCode, ExecError
+from ._storage import HEADER, ChunkStorage
 
-__all__ = ["MAX_CHUNK", "Chunk", "Cursor", "ExecLog", "Read", "SequencedLog", "Stream"]
+__all__ = [
+    "MAX_CHUNK",
+    "MIN_OUTPUT_LIMIT",
+    "Chunk",
+    "Cursor",
+    "ExecLog",
+    "Read",
+    "SequencedLog",
+    "StorageBudget",
+    "Stream",
+]
 
 T = TypeVar("T")
 
+log = logging.getLogger("execstream.server")
+
 #: PROTOCOL 4.4: a chunk's data is at most 64 KiB.
 MAX_CHUNK = 64 * 1024
+#: The smallest per-exec output limit: room for a few full chunks, so eviction is gradual.
+MIN_OUTPUT_LIMIT = 4 * MAX_CHUNK
+#: The largest segment of an exec's storage; smaller limits get smaller segments (limit / 8).
+MAX_SEGMENT = 8 * 1024 * 1024
+#: How much one read from storage takes at most when the caller sets no budget.
+STORAGE_READ = 1024 * 1024
+#: Read-ahead past the caller's budget, so the record that ends a read is whole.
+_SLACK = MAX_CHUNK + HEADER.size + 4096
+#: Where readers behind the cache stopped, remembered per next sequence (one per lagging
+#: client in practice); bounded so that departed readers cost nothing for long.
+_POSITIONS = 256
 
 Listener = Callable[[], None]
 
@@ -86,7 +118,9 @@ class SequencedLog(Generic[T]):
             self._size -= self._cost(self._items[self._head])
             self._head += 1
             self._first += 1
-        if self._head > 1024 and self._head * 2 > len(self._items):
+        # Evicted items stay referenced until compaction: compact once they are half the
+        # list, so memory stays within twice the budget's items (amortised O(1) per append).
+        if self._head * 2 > len(self._items):
             del self._items[: self._head]
             self._head = 0
         return sequence
@@ -127,6 +161,10 @@ class Stream(enum.Enum):
     STDERR = "stderr"
 
 
+_STREAM_CODE = {Stream.STDOUT: 0, Stream.STDERR: 1}
+_CODE_STREAM = {0: Stream.STDOUT, 1: Stream.STDERR}
+
+
 @dataclass(frozen=True, slots=True)
 class Chunk:
     """One ``OutputChunk`` as the exec produced it (PROTOCOL 4)."""
@@ -137,41 +175,377 @@ class Chunk:
     data: bytes
 
 
-class ExecLog(SequencedLog[Chunk]):
-    """One exec's output: chunks of at most ``MAX_CHUNK`` bytes, then the exit code."""
+@dataclass(slots=True)
+class _Segment:
+    number: int
+    first_sequence: int
+    size: int = 0  # bytes in storage, headers included
 
-    def __init__(self, budget_bytes: int) -> None:
-        if budget_bytes < MAX_CHUNK:
-            raise ValueError(f"history budget must be at least {MAX_CHUNK} bytes")
-        super().__init__(budget_bytes, lambda chunk: len(chunk.data))
+
+class StorageBudget:
+    """The server-wide cap on stored output (PROTOCOL 6.5): past it, the oldest segment of any
+    exec goes first, except an exec's newest one (it holds the chunk that reports the gap)."""
+
+    def __init__(self, cap: int = 0) -> None:
+        if cap < 0:
+            raise ValueError(f"the storage cap must be >= 0, got {cap}")
+        self.cap = cap
+        self.used = 0
+        self._order: collections.deque[tuple[ExecLog, int]] = collections.deque()
+
+    def added(self, owner: ExecLog, segment: int) -> None:
+        self._order.append((owner, segment))
+
+    def charge(self, size: int) -> None:
+        self.used += size
+        while self.cap and self.used > self.cap and self._evict_oldest():
+            pass
+
+    def release(self, size: int) -> None:
+        self.used -= size
+
+    def forget(self, owner: ExecLog) -> None:
+        self._order = collections.deque(e for e in self._order if e[0] is not owner)
+
+    def _evict_oldest(self) -> bool:
+        for index, (owner, segment) in enumerate(self._order):
+            if not owner.holds(segment):
+                continue
+            if owner.can_evict(segment):
+                del self._order[index]
+                first, last, size = owner.evict_oldest()
+                log.warning(
+                    "stored output is over the server's cap of %d bytes: evicted chunks "
+                    "%d-%d (%d bytes) of exec %s",
+                    self.cap,
+                    first,
+                    last,
+                    size,
+                    owner.name,
+                )
+                return True
+        self._order = collections.deque(e for e in self._order if e[0].holds(e[1]))
+        return False
+
+
+class ExecLog:
+    """One exec's output: chunks of at most ``MAX_CHUNK`` bytes in ``storage``, then the exit
+    code; the newest chunks also in memory, within ``cache_bytes``.
+
+    ``max_output_bytes`` bounds what storage holds (records with their headers; 0: no bound):
+    past it, whole segments go, oldest first (PROTOCOL 6.5).  Should storage fail (a full
+    disk), the log says so once and carries on with the memory cache alone: readers behind it
+    are then told of gaps, never silently short-changed (PROTOCOL 6.4).
+    """
+
+    def __init__(
+        self,
+        storage: ChunkStorage,
+        *,
+        cache_bytes: int = 4 * 1024 * 1024,
+        max_output_bytes: int = 1024 * 1024 * 1024,
+        budget: StorageBudget | None = None,
+        name: str = "",
+    ) -> None:
+        if cache_bytes < MAX_CHUNK:
+            raise ValueError(f"the memory cache must be at least {MAX_CHUNK} bytes")
+        if max_output_bytes and max_output_bytes < MIN_OUTPUT_LIMIT:
+            raise ValueError(
+                f"the output limit must be 0 (none) or at least {MIN_OUTPUT_LIMIT} bytes"
+            )
+        self.name = name
+        self._storage = storage
+        self._max_output = max_output_bytes
+        self._segment_bytes = (
+            min(MAX_SEGMENT, max(max_output_bytes // 8, MAX_CHUNK + HEADER.size))
+            if max_output_bytes
+            else MAX_SEGMENT
+        )
+        self._budget = budget
+        self._cache_bytes = cache_bytes
+        self._cache: SequencedLog[Chunk] | None = self._new_cache()
+        self._segments: list[_Segment] = []
+        self._first_sequences: list[int] = []  # of _segments, for bisect
+        self._stored = 0
+        self._next = 1
+        self._memory_only = False
+        self._positions: dict[int, tuple[int, int]] = {}
+        self._listeners: list[Listener] = []
         self.exit_code: int | None = None
+
+    def _new_cache(self) -> SequencedLog[Chunk]:
+        return SequencedLog(self._cache_bytes, lambda chunk: len(chunk.data))
+
+    # -- what is retained -------------------------------------------------------------------
+
+    @property
+    def next_sequence(self) -> int:
+        """The sequence the next appended chunk will carry."""
+        return self._next
+
+    @property
+    def first_sequence(self) -> int:
+        """The oldest retained chunk's sequence (``next_sequence`` when none is)."""
+        if self._segments:
+            return self._segments[0].first_sequence
+        if self._cache is not None:
+            return self._cache.first_sequence
+        return self._next
+
+    @property
+    def cached_from(self) -> int:
+        """The oldest sequence the memory cache can serve (``next_sequence`` when none)."""
+        if self._cache is None:
+            return self._next
+        return max(self._cache.first_sequence, self.first_sequence)
+
+    @property
+    def stored_bytes(self) -> int:
+        """What storage holds for this exec, record headers included."""
+        return self._stored
 
     @property
     def closed(self) -> bool:
         return self.exit_code is not None
 
+    def holds(self, segment: int) -> bool:
+        return any(s.number == segment for s in self._segments)
+
+    def can_evict(self, segment: int) -> bool:
+        """``segment`` is the oldest and not the newest (which holds the newest chunk)."""
+        return len(self._segments) > 1 and self._segments[0].number == segment
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        self._listeners.remove(listener)
+
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            listener()
+
     def append(self, stream: Stream, data: bytes, timestamp_ns: int) -> None:
-        """Number and keep ``data``; PROTOCOL 4.1: no empty chunk, 4.4: none over 64 KiB."""
+        """Number and keep ``data``: storage first, then the cache, then the readers are told.
+
+        PROTOCOL 4.1: no empty chunk; 4.4: none over 64 KiB, and no more pieces than that needs.
+        """
         if self.closed:
             raise ValueError("output appended after the exit code")
+        if not data:
+            return
+        chunks = []
         for offset in range(0, len(data), MAX_CHUNK):
-            piece = data[offset : offset + MAX_CHUNK]
-            self._append(Chunk(self.next_sequence, timestamp_ns, stream, piece))
-        if data:
-            self._notify()
+            chunks.append(
+                Chunk(self._next, timestamp_ns, stream, data[offset : offset + MAX_CHUNK])
+            )
+            self._next += 1
+        if not self._memory_only:
+            self._store(chunks)
+        if self._cache is not None:
+            for chunk in chunks:
+                self._cache._append(chunk)
+        self._notify()
+
+    def _store(self, chunks: list[Chunk]) -> None:
+        parts: list[bytes] = []
+        segment = self._segments[-1] if self._segments else None
+        added = 0
+        try:
+            for chunk in chunks:
+                size = HEADER.size + len(chunk.data)
+                if segment is None or (segment.size and segment.size + size > self._segment_bytes):
+                    if parts and segment is not None:
+                        self._storage.append(segment.number, parts)
+                        parts = []
+                    segment = self._open_segment(chunk.sequence)
+                header = HEADER.pack(
+                    chunk.sequence, chunk.timestamp_ns, len(chunk.data), _STREAM_CODE[chunk.stream]
+                )
+                parts += (header, chunk.data)
+                segment.size += size
+                added += size
+            if parts and segment is not None:
+                self._storage.append(segment.number, parts)
+        except OSError as error:
+            self._storage_failed(error)
+            return
+        self._stored += added
+        while self._max_output and self._stored > self._max_output and len(self._segments) > 1:
+            self.evict_oldest()
+        if self._budget is not None:
+            self._budget.charge(added)
+
+    def _open_segment(self, first_sequence: int) -> _Segment:
+        number = self._segments[-1].number + 1 if self._segments else 1
+        segment = _Segment(number, first_sequence)
+        self._segments.append(segment)
+        self._first_sequences.append(first_sequence)
+        if self._budget is not None:
+            self._budget.added(self, number)
+        return segment
+
+    def evict_oldest(self) -> tuple[int, int, int]:
+        """Remove the oldest segment; its first and last sequence and its size."""
+        segment = self._segments.pop(0)
+        del self._first_sequences[0]
+        self._stored -= segment.size
+        if self._budget is not None:
+            self._budget.release(segment.size)
+        self._storage.remove(segment.number)
+        return segment.first_sequence, self._segments[0].first_sequence - 1, segment.size
+
+    def _storage_failed(self, error: OSError) -> None:
+        log.error(
+            "storing the output of exec %s failed (%s): it goes on in memory only, and a "
+            "client behind the memory cache will be told of gaps",
+            self.name,
+            error,
+        )
+        self._memory_only = True
+        self._drop_storage()
+
+    def _drop_storage(self) -> None:
+        if self._budget is not None:
+            self._budget.release(self._stored)
+            self._budget.forget(self)
+        self._segments.clear()
+        self._first_sequences.clear()
+        self._positions.clear()
+        self._stored = 0
+        self._storage.destroy()
 
     def close(self, exit_code: int) -> None:
-        """PROTOCOL 5.1: the exit code follows every chunk; nothing is appended after it."""
+        """PROTOCOL 5.1: the exit code follows every chunk; nothing is appended after it.
+
+        The output is complete in storage, so the cache is let go: an exited exec costs no
+        memory for its output, and late readers read it back from storage.
+        """
         if self.closed:
             raise ValueError("exit code set twice")
         self.exit_code = exit_code
+        self._storage.seal()
+        if not self._memory_only:
+            self._cache = None
         self._notify()
+
+    def destroy(self) -> None:
+        """The exec is removed (PROTOCOL 11.2): its stored output goes with it."""
+        self._drop_storage()
+        self._cache = None
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def read(
+        self, from_sequence: int, max_cost: int | None = None, until: int | None = None
+    ) -> Read[Chunk]:
+        """Chunks from ``from_sequence`` on, before ``until`` if given; at least one if any,
+        else within ``max_cost`` bytes of data.  Chunks evicted before ``from_sequence`` was
+        reached are counted in ``gap_before`` (PROTOCOL 6.4)."""
+        from_sequence = max(from_sequence, 1)
+        end = self._next
+        if from_sequence > end:
+            raise ExecError(
+                ErrorCode.OUT_OF_RANGE,
+                f"sequence {from_sequence} is past the next sequence {end}",
+            )
+        gap = max(0, self.first_sequence - from_sequence)
+        start = from_sequence + gap
+        stop = end if until is None else max(start, min(until, end))
+        if start >= stop:
+            return Read([], gap, start)
+        if self._cache is not None and start >= self._cache.first_sequence:
+            cached = self._cache.read(start, max_cost, stop)
+            return Read(cached.items, gap, cached.next_sequence)
+        items = self._read_stored(start, stop, STORAGE_READ if max_cost is None else max_cost)
+        return Read(items, gap, start + len(items))
+
+    def _read_stored(self, start: int, stop: int, budget: int) -> list[Chunk]:
+        """PROTOCOL 6.7: the same chunks, read back from storage, one segment at a time."""
+        items: list[Chunk] = []
+        index = bisect.bisect_right(self._first_sequences, start) - 1
+        expected = start
+        while index < len(self._segments) and expected < stop:
+            if items and sum(len(c.data) for c in items) >= budget:
+                break
+            segment = self._segments[index]
+            spent = sum(len(c.data) for c in items)
+            expected = self._read_segment(segment, expected, stop, budget - spent, items)
+            index += 1
+            if index < len(self._segments) and expected < self._first_sequences[index]:
+                break  # the budget ended inside this segment
+        if not items:
+            raise RuntimeError(f"the stored output of exec {self.name} is corrupt at chunk {start}")
+        return items
+
+    def _read_segment(
+        self, segment: _Segment, start: int, stop: int, budget: int, items: list[Chunk]
+    ) -> int:
+        """Append to ``items`` the chunks of ``segment`` from ``start`` (at least one if
+        ``items`` is empty, else within ``budget``); the next sequence to read."""
+        hint = self._positions.pop(start, None)
+        offset = hint[1] if hint is not None and hint[0] == segment.number else None
+        if offset is None:
+            offset = 0 if start == segment.first_sequence else self._locate(segment, start)
+        buffer = self._storage.read(
+            segment.number, offset, min(segment.size - offset, max(budget, 0) + _SLACK)
+        )
+        spent = position = 0
+        expected = start
+        while position + HEADER.size <= len(buffer) and expected < stop:
+            sequence, timestamp, length, code = HEADER.unpack_from(buffer, position)
+            end = position + HEADER.size + length
+            if end > len(buffer) or (items and spent + length > budget):
+                break
+            if sequence != expected:
+                raise RuntimeError(
+                    f"the stored output of exec {self.name} is corrupt: chunk {sequence} "
+                    f"where {expected} belongs"
+                )
+            items.append(
+                Chunk(sequence, timestamp, _CODE_STREAM[code], buffer[position + HEADER.size : end])
+            )
+            spent += length
+            position = end
+            expected += 1
+        if position and offset + position < segment.size:
+            if len(self._positions) >= _POSITIONS:
+                del self._positions[next(iter(self._positions))]
+            self._positions[expected] = (segment.number, offset + position)
+        return expected
+
+    def _locate(self, segment: _Segment, sequence: int) -> int:
+        """The offset of ``sequence``'s record in ``segment``, by walking its headers."""
+        offset = 0
+        while offset < segment.size:
+            buffer = self._storage.read(segment.number, offset, STORAGE_READ)
+            position = 0
+            while position + HEADER.size <= len(buffer):
+                found, _, length, _ = HEADER.unpack_from(buffer, position)
+                if found == sequence:
+                    return offset + position
+                position += HEADER.size + length
+            offset += position
+        raise RuntimeError(f"chunk {sequence} of exec {self.name} is missing from its storage")
+
+
+class Readable(Protocol[T]):
+    """What a cursor reads: a :class:`SequencedLog` or an :class:`ExecLog`."""
+
+    @property
+    def next_sequence(self) -> int: ...
+
+    def read(
+        self, from_sequence: int, max_cost: int | None = None, until: int | None = None
+    ) -> Read[T]: ...
 
 
 class Cursor(Generic[T]):
     """One reader's position in a log."""
 
-    def __init__(self, log: SequencedLog[T], from_sequence: int) -> None:
+    def __init__(self, log: Readable[T], from_sequence: int) -> None:
         self.log = log
         self.position = max(from_sequence, 1)
         if self.position > log.next_sequence:

@@ -5,9 +5,11 @@ container exists while it has at least one exec (PROTOCOL 11.2).  Every change o
 state goes through :func:`_state.next_state` and is published as a lifecycle event in one
 server-wide :class:`EventLog` (PROTOCOL 8).  Clients attach to an exec's :class:`ExecLog`
 through a cursor; the registry counts them against the per-exec limit (PROTOCOL 13.1).
-Removal after retention is decided here (``expired``) and carried out by the caller's sweep.
+Removal after retention is decided here (``expired``) and carried out by the caller's sweep;
+an exec's stored output goes with it.
 
-No I/O and no asyncio or grpc imports; the clock is injected so tests control time.
+No asyncio or grpc imports; the clock and where output is stored are injected, so tests
+control time and can keep output in memory.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ._errors import ErrorCode, ExecError
-from ._log import Chunk, Cursor, ExecLog, SequencedLog
+from ._log import MIN_OUTPUT_LIMIT, Chunk, Cursor, ExecLog, SequencedLog, StorageBudget
 from ._state import ExecEvent, ExecState, next_state
+from ._storage import DirectoryArea, StorageArea
 
 __all__ = [
     "Clock",
@@ -72,9 +75,37 @@ class Limits:
     max_execs_per_container: int = 128
     max_clients_per_exec: int = 64
     max_subscribers: int = 256
-    history_bytes: int = 4 * 1024 * 1024
+    #: PROTOCOL 6.5: output retained per exec, in storage (0: no limit).
+    max_output_bytes: int = 1024 * 1024 * 1024
+    #: The newest output of each running exec also kept in memory; a cache, not a bound.
+    memory_cache_bytes: int = 4 * 1024 * 1024
+    #: PROTOCOL 6.5: stored output of all execs together (0: no cap).
+    max_stored_bytes: int = 0
     event_history: int = 4096
     stdin_bytes: int = 1024 * 1024
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_execs",
+            "max_execs_per_container",
+            "max_clients_per_exec",
+            "max_subscribers",
+            "event_history",
+            "stdin_bytes",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.memory_cache_bytes < 64 * 1024:
+            raise ValueError(
+                f"memory_cache_bytes must be at least 65536 (one chunk), got "
+                f"{self.memory_cache_bytes}"
+            )
+        for name in ("max_output_bytes", "max_stored_bytes"):
+            value = getattr(self, name)
+            if value < 0 or 0 < value < MIN_OUTPUT_LIMIT:
+                raise ValueError(
+                    f"{name} must be 0 (no limit) or at least {MIN_OUTPUT_LIMIT}, got {value}"
+                )
 
 
 class ExecControls(Protocol):
@@ -137,14 +168,14 @@ class ExecRecord:
         exec_id: str,
         *,
         tty: bool,
-        history_bytes: int,
+        log: ExecLog,
         registered_at_ns: int,
     ) -> None:
         self.container = container
         self.exec_id = exec_id
         self.tty = tty
         self.state = ExecState.PENDING
-        self.log = ExecLog(history_bytes)
+        self.log = log
         self.registered_at_ns = registered_at_ns
         self.started_at_ns = 0
         self.finished_at_ns: int | None = None
@@ -194,9 +225,20 @@ class ContainerRecord:
 
 
 class Registry:
-    def __init__(self, limits: Limits | None = None, clock: Clock | None = None) -> None:
+    """``storage`` holds the execs' output (PROTOCOL 6.5); by default files in a temporary
+    directory made on first use and removed by :meth:`close`."""
+
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        clock: Clock | None = None,
+        *,
+        storage: StorageArea | None = None,
+    ) -> None:
         self.limits = limits or Limits()
         self.clock: Clock = clock or SystemClock()
+        self.storage: StorageArea = storage or DirectoryArea()
+        self.budget = StorageBudget(self.limits.max_stored_bytes)
         self.events = EventLog(self.limits.event_history)
         self._containers: dict[str, ContainerRecord] = {}
         self._exec_count = 0
@@ -266,13 +308,14 @@ class Registry:
         if container is None:
             container = self._containers[container_id] = ContainerRecord(container_id)
             self.events.emit(now, container_id, "", "created", ExecState.PENDING.value)
-        record = ExecRecord(
-            container,
-            exec_id,
-            tty=tty,
-            history_bytes=self.limits.history_bytes,
-            registered_at_ns=now,
+        log = ExecLog(
+            self.storage.open(container_id, exec_id),
+            cache_bytes=self.limits.memory_cache_bytes,
+            max_output_bytes=self.limits.max_output_bytes,
+            budget=self.budget,
+            name=f"{container_id}/{exec_id}",
         )
+        record = ExecRecord(container, exec_id, tty=tty, log=log, registered_at_ns=now)
         container.execs[exec_id] = record
         self._exec_count += 1
         self.events.emit(now, container_id, exec_id, "registered", record.state.value)
@@ -307,6 +350,7 @@ class Registry:
     def remove(self, record: ExecRecord) -> None:
         """PROTOCOL 11.2: forget the exec; the container goes with its last exec."""
         self._move(record, ExecEvent.REMOVE)
+        record.log.destroy()
         container = record.container
         del container.execs[record.exec_id]
         self._exec_count -= 1
@@ -393,3 +437,9 @@ class Registry:
 
     def unsubscribe(self) -> None:
         self.subscribers -= 1
+
+    def close(self) -> None:
+        """Remove every exec's stored output, and the temporary directory if one was made."""
+        for record in self:
+            record.log.destroy()
+        self.storage.close()

@@ -29,6 +29,7 @@ from ._process import ProcessRuntime
 from ._registry import ExecRecord, Limits, Registry
 from ._runner import ProcessRunner
 from ._service import ExecService
+from ._storage import DirectoryArea
 
 __all__ = ["ExecAttachable", "ExecServer", "RetentionSweeper", "ServerSettings"]
 
@@ -144,11 +145,13 @@ class ExecAttachable:
         self.sweeper.start()
 
     async def close(self) -> None:
-        """End open streams with UNAVAILABLE, kill the execs the runner started."""
+        """End open streams with UNAVAILABLE, kill the execs the runner started, remove the
+        stored output."""
         self.service.begin_shutdown()
         await self.sweeper.stop()
         if self.runner is not None:
             await self.runner.close()
+        self.registry.close()
 
 
 class ExecServer:
@@ -158,8 +161,8 @@ class ExecServer:
         self.settings = settings or ServerSettings()
         self._own_state_dir = self.settings.state_dir is None
         self.state_dir = self.settings.state_dir or Path(tempfile.mkdtemp(prefix="execstream-"))
-        registry = Registry(self.settings.limits)
-        executor = Executor(registry, self.state_dir / "logs")
+        registry = Registry(self.settings.limits, storage=DirectoryArea(self.state_dir / "logs"))
+        executor = Executor(registry)
         runtime = ProcessRuntime(self.state_dir, drain_timeout=self.settings.drain_timeout)
         self.attachable = ExecAttachable(
             executor,

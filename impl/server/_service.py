@@ -396,7 +396,7 @@ class ExecService:
         context: _Ctx,
     ) -> AsyncIterator[wire.ContainerLifecycleEvent]:
         wake = asyncio.Event()
-        events = cursor.log
+        events = self.registry.events
         events.add_listener(wake.set)
         self._wakes.add(wake)
         try:

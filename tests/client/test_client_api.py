@@ -20,7 +20,7 @@ from execstream.client import (
     ResourceUsage,
     Status,
 )
-from execstream.server import ExecServer, Limits
+from execstream.server import ExecServer
 from execstream.server.testing import serve
 
 MIXED = "echo one; echo two >&2; sleep 0.05; printf three; sleep 0.05; printf four >&2; exit 3"
@@ -115,9 +115,9 @@ async def test_wait_without_iterating_drains_and_reports_what_it_dropped(
 
 
 async def test_wait_alongside_an_iterating_task_loses_nothing() -> None:
-    # A history larger than the output: a gap here could only come from the client.
+    # Nothing is evicted on the server: a gap here could only come from the client.
     async with (
-        serve(limits=Limits(history_bytes=64 << 20)) as server,
+        serve() as server,
         AsyncExecClient(server.address) as client,
     ):
         await _wait_alongside(client)

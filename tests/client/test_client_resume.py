@@ -37,9 +37,8 @@ def chunks(events: list[ExecEvent]) -> list[tuple[str, int, bytes]]:
 
 
 async def test_cut_connection_is_resumed_with_every_byte_once() -> None:
-    # History above the output size: the resumed client can always catch up without a gap.
     async with (
-        serve(limits=Limits(history_bytes=64 << 20)) as server,
+        serve() as server,
         TcpProxy(server.address) as proxy,
         AsyncExecClient(proxy.address, retry=FAST_RETRY) as client,
     ):
@@ -65,7 +64,7 @@ async def test_cut_connection_is_resumed_with_every_byte_once() -> None:
 
 async def test_sync_client_resumes_through_the_portal() -> None:
     async with (
-        serve(limits=Limits(history_bytes=64 << 20)) as server,
+        serve() as server,
         TcpProxy(server.address) as proxy,
     ):
         c, e = ids()
@@ -97,7 +96,7 @@ async def _cut(proxy: TcpProxy) -> None:
 
 async def test_output_lost_while_disconnected_is_reported_as_a_gap() -> None:
     async with (
-        serve(limits=Limits(history_bytes=256 * 1024)) as server,
+        serve(limits=Limits(max_output_bytes=256 * 1024)) as server,
         TcpProxy(server.address) as proxy,
         AsyncExecClient(proxy.address, retry=FAST_RETRY) as client,
         AsyncExecClient(server.address) as direct,
@@ -110,7 +109,7 @@ async def test_output_lost_while_disconnected_is_reported_as_a_gap() -> None:
             received.append(event)
             if sum(len(o.data) for o in received if isinstance(o, Output)) == 100_000:
                 break
-        # Disconnect and keep the client out while 3 MB go past a 256 KiB history.
+        # Disconnect and keep the client out while 3 MB go past a 256 KiB output limit.
         proxy.accepting = False
         assert proxy.cut() == 1
         witness = await direct.attach(c, e)

@@ -17,6 +17,7 @@ from execstream.server._executor import ExecHandle, Executor
 from execstream.server._log import MAX_CHUNK, Chunk, Stream
 from execstream.server._registry import Limits, Registry
 from execstream.server._state import ExecState, IllegalTransition
+from execstream.server._storage import DirectoryArea, MemoryArea
 
 
 class FakeClock:
@@ -53,21 +54,26 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def registry(clock: FakeClock) -> Registry:
-    return Registry(Limits(history_bytes=MAX_CHUNK), clock)
+def registry(clock: FakeClock, tmp_path: Path) -> Registry:
+    limits = Limits(memory_cache_bytes=MAX_CHUNK, max_output_bytes=0)
+    return Registry(limits, clock, storage=DirectoryArea(tmp_path / "logs"))
 
 
 @pytest.fixture
-def executor(registry: Registry, tmp_path: Path) -> Executor:
-    return Executor(registry, tmp_path / "tee")
+def executor(registry: Registry) -> Executor:
+    return Executor(registry)
 
 
 def chunks(handle: ExecHandle) -> list[Chunk]:
-    return handle.record.log.read(0).items
+    return handle.record.log.read(0, max_cost=1 << 30).items
 
 
 def stream_data(handle: ExecHandle, stream: Stream) -> bytes:
     return b"".join(c.data for c in chunks(handle) if c.stream is stream)
+
+
+def stored_files(tmp_path: Path, container_id: str, exec_id: str) -> list[Path]:
+    return sorted((tmp_path / "logs" / container_id / exec_id).glob("*.seg"))
 
 
 def event_types(registry: Registry) -> list[tuple[str, str]]:
@@ -77,7 +83,7 @@ def event_types(registry: Registry) -> list[tuple[str, str]]:
 # -- register --------------------------------------------------------------------------------
 
 
-def test_register_gives_a_pending_handle_with_its_tee_directory(
+def test_register_gives_a_pending_handle_whose_output_is_stored_in_its_directory(
     executor: Executor, registry: Registry, tmp_path: Path
 ) -> None:
     handle = executor.register("c1", "e1")
@@ -85,11 +91,12 @@ def test_register_gives_a_pending_handle_with_its_tee_directory(
     assert handle.record is registry.get("c1", "e1")
     assert handle.record.state is ExecState.PENDING
     assert executor.handle(handle.record) is handle
-    tee = tmp_path / "tee" / "c1" / "e1"
-    assert tee.is_dir()
-    assert handle.stdout.path == tee / "stdout"
-    assert handle.stderr.path == tee / "stderr"
     assert event_types(registry) == [("created", ""), ("registered", "e1")]
+    handle.stdout.write(b"hello")
+    files = stored_files(tmp_path, "c1", "e1")
+    assert len(files) == 1
+    assert b"hello" in files[0].read_bytes()
+    assert files[0].stat().st_size == handle.record.log.stored_bytes
 
 
 def test_register_passes_tty(executor: Executor) -> None:
@@ -98,7 +105,7 @@ def test_register_passes_tty(executor: Executor) -> None:
     assert handle.record.terminal_size == (80, 24)
 
 
-def test_register_refused_keeps_the_existing_handle(executor: Executor, tmp_path: Path) -> None:
+def test_register_refused_keeps_the_existing_handle(executor: Executor) -> None:
     handle = executor.register("c1", "e1")
     handle.stdout.write(b"first")
     with pytest.raises(ExecError) as caught:
@@ -107,7 +114,7 @@ def test_register_refused_keeps_the_existing_handle(executor: Executor, tmp_path
     assert executor.handle(handle.record) is handle
     handle.stdout.write(b" second")
     handle.exit(0)
-    assert (tmp_path / "tee" / "c1" / "e1" / "stdout").read_bytes() == b"first second"
+    assert stream_data(handle, Stream.STDOUT) == b"first second"
 
 
 def test_register_with_a_bad_id_creates_nothing(executor: Executor, tmp_path: Path) -> None:
@@ -115,7 +122,7 @@ def test_register_with_a_bad_id_creates_nothing(executor: Executor, tmp_path: Pa
         executor.register("c1", "../escape")
     assert caught.value.code is ErrorCode.INVALID_ARGUMENT
     assert not (tmp_path / "escape").exists()
-    assert not (tmp_path / "tee").exists()
+    assert not (tmp_path / "logs").exists()
 
 
 # -- the tee writers -------------------------------------------------------------------------
@@ -138,21 +145,22 @@ def test_writers_append_to_the_log_in_one_sequence(executor: Executor, clock: Fa
     assert handle.stderr.bytes_written == 4
 
 
-def test_empty_write_adds_nothing(executor: Executor) -> None:
+def test_empty_write_adds_nothing(executor: Executor, tmp_path: Path) -> None:
     handle = executor.register("c1", "e1")
     handle.stdout.write(b"")
     handle.stderr.write(b"")
     handle.exit(0)
     assert chunks(handle) == []
     assert handle.stdout.bytes_written == 0
-    assert handle.stdout.path is not None
-    assert handle.stdout.path.read_bytes() == b""
+    assert handle.record.log.stored_bytes == 0
+    assert stored_files(tmp_path, "c1", "e1") == []
 
 
-def test_tee_file_keeps_everything_after_the_log_evicted(executor: Executor) -> None:
+def test_storage_keeps_everything_the_memory_cache_let_go(executor: Executor) -> None:
+    """PROTOCOL 6.7: a reader far behind the cache gets every chunk back from storage."""
     handle = executor.register("c1", "e1")
     out, err = bytearray(), bytearray()
-    for i in range(40):  # 40 * 3 KiB * 2 streams: far over the 64 KiB history
+    for i in range(40):  # 40 * 3 KiB * 2 streams: far over the 64 KiB cache
         piece = os.urandom(3 * 1024)
         out += piece
         handle.stdout.write(piece)
@@ -162,29 +170,35 @@ def test_tee_file_keeps_everything_after_the_log_evicted(executor: Executor) -> 
     out += big
     handle.stdout.write(big)
     log = handle.record.log
-    assert log.first_sequence > 1, "the history must have evicted"
-    assert log.retained_cost <= MAX_CHUNK
-    assert all(len(c.data) <= MAX_CHUNK for c in chunks(handle))
-    assert chunks(handle)[-1].data == big[-5:]
+    assert log.cached_from > 1, "the memory cache must have let the oldest chunks go"
+    assert log.first_sequence == 1, "nothing is evicted without an output limit"
+    every = chunks(handle)
+    assert [c.sequence for c in every] == list(range(1, log.next_sequence))
+    assert all(len(c.data) <= MAX_CHUNK for c in every)
+    assert every[-1].data == big[-5:]
     handle.exit(0)
-    assert handle.stdout.path is not None and handle.stderr.path is not None
-    assert handle.stdout.path.read_bytes() == out
-    assert handle.stderr.path.read_bytes() == err
+    assert stream_data(handle, Stream.STDOUT) == out
+    assert stream_data(handle, Stream.STDERR) == err
     assert handle.stdout.bytes_written == len(out)
     assert handle.stderr.bytes_written == len(err)
 
 
-def test_tee_file_is_written_before_the_log_is_appended(executor: Executor) -> None:
-    """The tee writes the file copy first: when a client is told of new output, the file
-    already holds it (so the file is never behind what clients were sent)."""
+def test_output_is_stored_before_the_clients_are_told(executor: Executor, tmp_path: Path) -> None:
+    """The tee's order: when a client is told of new output, storage already holds it, so
+    the file copy is never behind what clients were sent."""
     handle = executor.register("c1", "e1")
-    path = handle.stdout.path
-    assert path is not None
     on_disk_at_notify: list[bytes] = []
-    handle.record.log.add_listener(lambda: on_disk_at_notify.append(path.read_bytes()))
+
+    def look() -> None:
+        on_disk_at_notify.append(
+            b"".join(f.read_bytes() for f in stored_files(tmp_path, "c1", "e1"))
+        )
+
+    handle.record.log.add_listener(look)
     handle.stdout.write(b"hello")
     handle.stdout.write(b" world")
-    assert on_disk_at_notify == [b"hello", b"hello world"]
+    assert [b"hello" in seen for seen in on_disk_at_notify] == [True, True]
+    assert [b" world" in seen for seen in on_disk_at_notify] == [False, True]
 
 
 def test_writes_after_exit_go_nowhere_and_do_not_raise(executor: Executor) -> None:
@@ -193,22 +207,27 @@ def test_writes_after_exit_go_nowhere_and_do_not_raise(executor: Executor) -> No
     handle.stdout.write(b"before")
     handle.exit(0)
     log = handle.record.log
-    sequence = log.next_sequence
+    sequence, stored = log.next_sequence, log.stored_bytes
     handle.stdout.write(b"late out")
     handle.stderr.write(b"late err")
-    # Neither the log (closed: PROTOCOL 5.1, exit is the last thing) nor the closed file.
-    assert log.next_sequence == sequence
+    # The log is closed: PROTOCOL 5.1, exit is the last thing.
+    assert (log.next_sequence, log.stored_bytes) == (sequence, stored)
     assert log.exit_code == 0
     assert [c.data for c in chunks(handle)] == [b"before"]
-    assert handle.stdout.path is not None and handle.stderr.path is not None
-    assert handle.stdout.path.read_bytes() == b"before"
-    assert handle.stderr.path.read_bytes() == b""
 
 
-def test_without_tee_dir_writers_feed_only_the_log(registry: Registry) -> None:
-    executor = Executor(registry)
+def test_unregister_removes_the_stored_output(executor: Executor, tmp_path: Path) -> None:
     handle = executor.register("c1", "e1")
-    assert handle.stdout.path is None and handle.stderr.path is None
+    handle.stdout.write(b"x" * 1000)
+    handle.exit(0)
+    assert stored_files(tmp_path, "c1", "e1")
+    handle.unregister()
+    assert not (tmp_path / "logs" / "c1").exists()
+
+
+def test_memory_area_keeps_output_without_files(clock: FakeClock, tmp_path: Path) -> None:
+    registry = Registry(Limits(), clock, storage=MemoryArea())
+    handle = Executor(registry).register("c1", "e1")
     handle.stdout.write(b"a")
     handle.stderr.write(b"b")
     handle.exit(1)
@@ -218,6 +237,7 @@ def test_without_tee_dir_writers_feed_only_the_log(registry: Registry) -> None:
     ]
     handle.unregister()
     assert registry.find("c1", "e1") is None
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_writes_reach_every_client_cursor(executor: Executor, registry: Registry) -> None:
@@ -318,8 +338,9 @@ def test_unregister_forgets_everything(
     handle.started()
     handle.stdout.write(b"data")
     handle.exit(0)
+    other.stdout.write(b"other")
     record = handle.record
-    tee = tmp_path / "tee" / "c1" / "e1"
+    tee = tmp_path / "logs" / "c1" / "e1"
     assert tee.is_dir()
     handle.unregister()
     assert record.state is ExecState.REMOVED
@@ -332,7 +353,7 @@ def test_unregister_forgets_everything(
         executor.handle(record)
     # The other exec of the container is untouched.
     assert executor.handle(other.record) is other
-    assert (tmp_path / "tee" / "c1" / "e2").is_dir()
+    assert (tmp_path / "logs" / "c1" / "e2").is_dir()
     assert event_types(registry)[-1] == ("unregistered", "e1")
 
 
@@ -351,16 +372,18 @@ def test_unregister_of_the_last_exec_removes_the_container(
 def test_unregister_of_the_last_exec_leaves_no_container_directory(
     executor: Executor, tmp_path: Path
 ) -> None:
-    """Nothing outlives its container: the tee directory of a removed container goes too,
+    """Nothing outlives its container: the output directory of a removed container goes too,
     or a long-running server collects one empty directory per container ID it ever saw."""
     first = executor.register("c1", "e1")
     second = executor.register("c1", "e2")
+    first.stdout.write(b"1")
+    second.stdout.write(b"2")
     first.exit(0)
     first.unregister()
-    assert (tmp_path / "tee" / "c1").is_dir()  # still holds e2
+    assert (tmp_path / "logs" / "c1").is_dir()  # still holds e2
     second.exit(0)
     second.unregister()
-    assert list((tmp_path / "tee").iterdir()) == []
+    assert list((tmp_path / "logs").iterdir()) == []
 
 
 def test_unregister_of_a_running_exec(executor: Executor, registry: Registry) -> None:
@@ -381,9 +404,7 @@ def test_same_ids_can_be_registered_again_with_a_fresh_tee(executor: Executor) -
     assert executor.handle(new.record) is new
     new.stdout.write(b"new")
     new.exit(0)
-    assert new.stdout.path is not None
-    assert new.stdout.path.read_bytes() == b"new"
-    assert [c.sequence for c in chunks(new)] == [1]
+    assert [(c.sequence, c.data) for c in chunks(new)] == [(1, b"new")]
 
 
 def test_unregister_twice_is_illegal(executor: Executor) -> None:

@@ -1,7 +1,9 @@
 """Bounded, sequenced logs (``_log``): numbering, eviction, reads, gaps and cursors.
 
 PROTOCOL 4.2 (one contiguous sequence from 1), 4.4 (chunks of at most 64 KiB), 5.1 (exit after
-all output), 6.1 (replay from a sequence), 6.4 (gaps are reported), 6.5 (bounded history).
+all output), 6.1 (replay from a sequence), 6.4 (gaps are reported), 6.5 (the output limit),
+6.7 (reads from storage give the same chunks).  Read tests run on an open log (newest chunks
+in the memory cache) and on a closed one (every read from storage).
 """
 
 from __future__ import annotations
@@ -11,20 +13,38 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from execstream.server._errors import ErrorCode, ExecError
-from execstream.server._log import MAX_CHUNK, Chunk, Cursor, ExecLog, SequencedLog, Stream
+from execstream.server._log import (
+    MAX_CHUNK,
+    MIN_OUTPUT_LIMIT,
+    Chunk,
+    Cursor,
+    ExecLog,
+    SequencedLog,
+    Stream,
+)
+from execstream.server._storage import HEADER, MemoryStorage
 
 KIB = 1024
+#: With this limit, segments hold one full chunk each, and three of them are retained.
+SMALL_LIMIT = MIN_OUTPUT_LIMIT
+
+
+def exec_log(limit: int = 0, cache: int = 4 * MAX_CHUNK) -> ExecLog:
+    return ExecLog(MemoryStorage(), cache_bytes=cache, max_output_bytes=limit)
 
 
 def sequences(chunks: list[Chunk]) -> list[int]:
     return [c.sequence for c in chunks]
 
 
-def filled(n: int, budget: int = 4 * MAX_CHUNK, size: int = 10) -> ExecLog:
-    """A log holding ``n`` chunks of ``size`` bytes, chunk ``i`` filled with byte ``i % 256``."""
-    log = ExecLog(budget)
+def filled(n: int, limit: int = 0, size: int = 10, *, closed: bool = False) -> ExecLog:
+    """A log holding ``n`` chunks of ``size`` bytes, chunk ``i`` filled with byte ``i % 256``;
+    ``closed``: with its exit code, so that it reads everything back from storage."""
+    log = exec_log(limit)
     for i in range(1, n + 1):
         log.append(Stream.STDOUT, bytes([i % 256]) * size, timestamp_ns=i)
+    if closed:
+        log.close(0)
     return log
 
 
@@ -32,16 +52,16 @@ def filled(n: int, budget: int = 4 * MAX_CHUNK, size: int = 10) -> ExecLog:
 
 
 def test_empty_log() -> None:
-    log = ExecLog(MAX_CHUNK)
+    log = exec_log()
     assert log.first_sequence == 1
     assert log.next_sequence == 1
-    assert log.retained_cost == 0
+    assert log.stored_bytes == 0
     assert log.exit_code is None
     assert not log.closed
 
 
 def test_sequences_start_at_one_and_are_shared_by_both_streams() -> None:
-    log = ExecLog(MAX_CHUNK)
+    log = exec_log()
     log.append(Stream.STDOUT, b"a", 100)
     log.append(Stream.STDERR, b"b", 101)
     log.append(Stream.STDOUT, b"c", 102)
@@ -69,7 +89,7 @@ def test_sequences_start_at_one_and_are_shared_by_both_streams() -> None:
 )
 def test_append_splits_into_max_chunk_pieces(size: int, pieces: list[int]) -> None:
     data = bytes(i % 251 for i in range(size))
-    log = ExecLog(8 * MAX_CHUNK)
+    log = exec_log()
     log.append(Stream.STDERR, data, 7)
     chunks = log.read(1).items
     assert [len(c.data) for c in chunks] == pieces
@@ -79,7 +99,7 @@ def test_append_splits_into_max_chunk_pieces(size: int, pieces: list[int]) -> No
 
 
 def test_empty_append_adds_nothing() -> None:
-    log = ExecLog(MAX_CHUNK)
+    log = exec_log()
     log.append(Stream.STDOUT, b"", 1)
     assert log.next_sequence == 1
     log.append(Stream.STDOUT, b"x", 2)
@@ -91,29 +111,29 @@ def test_empty_append_adds_nothing() -> None:
 # -- budget and eviction ---------------------------------------------------------------------
 
 
-def test_eviction_drops_oldest_first_and_stays_within_budget() -> None:
-    budget = MAX_CHUNK  # 64 KiB: holds six 10 KiB chunks
-    log = ExecLog(budget)
-    for i in range(1, 11):
+def test_eviction_drops_oldest_first_and_stays_within_the_limit() -> None:
+    """PROTOCOL 6.5: what storage holds never exceeds the limit, and the newest is kept."""
+    log = exec_log(SMALL_LIMIT)
+    for i in range(1, 61):
         log.append(Stream.STDOUT, bytes([i]) * (10 * KIB), i)
-        assert log.retained_cost <= budget
-        assert log.retained_cost == 10 * KIB * (log.next_sequence - log.first_sequence)
-    assert log.next_sequence == 11
-    assert log.first_sequence == 5
-    kept = log.read(log.first_sequence).items
-    assert sequences(kept) == [5, 6, 7, 8, 9, 10]
-    assert [c.data[0] for c in kept] == [5, 6, 7, 8, 9, 10]
+        assert log.stored_bytes <= SMALL_LIMIT
+        retained = log.next_sequence - log.first_sequence
+        assert log.stored_bytes == (10 * KIB + HEADER.size) * retained
+    assert log.next_sequence == 61
+    assert log.first_sequence > 1
+    kept = log.read(log.first_sequence, max_cost=1 << 30).items
+    assert sequences(kept) == list(range(log.first_sequence, 61))
+    assert [c.data[0] for c in kept] == list(range(log.first_sequence, 61))
+    # Whole segments go, so what is kept is at least the limit less one segment.
+    assert log.stored_bytes > SMALL_LIMIT - (MAX_CHUNK + HEADER.size)
 
 
-def test_budget_fills_exactly_without_eviction() -> None:
-    log = ExecLog(MAX_CHUNK)
-    log.append(Stream.STDOUT, b"a" * (MAX_CHUNK // 2), 1)
-    log.append(Stream.STDOUT, b"b" * (MAX_CHUNK // 2), 2)
-    assert log.retained_cost == MAX_CHUNK
+def test_no_limit_keeps_everything() -> None:
+    log = exec_log(0)
+    for i in range(1, 200):
+        log.append(Stream.STDERR, bytes([i % 256]) * (10 * KIB), i)
     assert log.first_sequence == 1
-    log.append(Stream.STDOUT, b"c", 3)
-    assert log.first_sequence == 2
-    assert log.retained_cost == MAX_CHUNK // 2 + 1
+    assert log.read(0).gap_before == 0
 
 
 def test_newest_chunk_is_always_kept() -> None:
@@ -129,34 +149,39 @@ def test_newest_chunk_is_always_kept() -> None:
     assert log.retained_cost == 1
 
 
-def test_full_size_chunk_evicts_everything_before_it() -> None:
-    log = ExecLog(MAX_CHUNK)
+def test_full_size_chunks_leave_three_under_the_small_limit() -> None:
+    log = exec_log(SMALL_LIMIT)
     log.append(Stream.STDOUT, b"small", 1)
-    log.append(Stream.STDERR, b"s" * MAX_CHUNK, 2)
-    assert log.first_sequence == 2
-    assert log.retained_cost == MAX_CHUNK
-    assert log.read(0).gap_before == 1
+    for i in range(2, 6):
+        log.append(Stream.STDERR, b"s" * MAX_CHUNK, i)
+    assert log.first_sequence == 3
+    assert log.stored_bytes == 3 * (MAX_CHUNK + HEADER.size)
+    assert log.read(0).gap_before == 2
 
 
-def test_append_larger_than_the_budget_keeps_its_tail() -> None:
-    """One append bigger than the history evicts its own first pieces: a reader that was
+def test_append_larger_than_the_limit_keeps_its_tail() -> None:
+    """One append bigger than the limit evicts its own first pieces: a reader that was
     caught up before it gets a gap, never a silent loss (PROTOCOL 6.4, 6.5)."""
-    log = ExecLog(MAX_CHUNK)
+    log = exec_log(SMALL_LIMIT)
     cursor = Cursor(log, 0)
-    data = bytes(range(256)) * (3 * MAX_CHUNK // 256) + b"tail"
-    log.append(Stream.STDOUT, data, 1)  # pieces 64 KiB, 64 KiB, 64 KiB, 4 bytes
-    assert log.next_sequence == 5
-    assert log.first_sequence == 4  # 64 KiB + 4 bytes is over the budget
-    read = cursor.read()
-    assert read.gap_before == 3
-    assert [c.data for c in read.items] == [b"tail"]
+    data = bytes(range(256)) * (5 * MAX_CHUNK // 256) + b"tail"
+    log.append(Stream.STDOUT, data, 1)  # pieces: five of 64 KiB, then 4 bytes
+    assert log.next_sequence == 7
+    # Three full chunks and the tail fit the limit; one more full chunk would not.
+    assert log.first_sequence == 3
+    read = cursor.read(max_cost=1 << 30)
+    assert read.gap_before == 2
+    assert sequences(read.items) == [3, 4, 5, 6]
+    assert b"".join(c.data for c in read.items) == data[2 * MAX_CHUNK :]
 
 
-def test_budget_must_be_positive_and_exec_log_at_least_one_chunk() -> None:
+def test_budget_must_be_positive_and_exec_log_settings_sane() -> None:
     with pytest.raises(ValueError, match="positive"):
         SequencedLog(0, len)
     with pytest.raises(ValueError, match=str(MAX_CHUNK)):
-        ExecLog(MAX_CHUNK - 1)
+        exec_log(cache=MAX_CHUNK - 1)
+    with pytest.raises(ValueError, match=str(MIN_OUTPUT_LIMIT)):
+        exec_log(limit=MIN_OUTPUT_LIMIT - 1)
 
 
 def test_compaction_keeps_sequences_and_contents() -> None:
@@ -175,35 +200,41 @@ def test_compaction_keeps_sequences_and_contents() -> None:
 # -- reads -----------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=[False, True], ids=["open", "closed"])
+def closed(request: pytest.FixtureRequest) -> bool:
+    value: bool = request.param
+    return value
+
+
 @pytest.mark.parametrize("start", [0, 1])
-def test_read_from_zero_or_one_is_everything(start: int) -> None:
-    log = filled(5)
+def test_read_from_zero_or_one_is_everything(start: int, closed: bool) -> None:
+    log = filled(5, closed=closed)
     read = log.read(start)
     assert sequences(read.items) == [1, 2, 3, 4, 5]
     assert read.gap_before == 0
     assert read.next_sequence == 6
 
 
-def test_read_from_the_middle() -> None:
-    read = filled(5).read(3)
+def test_read_from_the_middle(closed: bool) -> None:
+    read = filled(5, closed=closed).read(3)
     assert sequences(read.items) == [3, 4, 5]
     assert read.gap_before == 0
     assert read.next_sequence == 6
 
 
-def test_read_from_next_sequence_is_empty() -> None:
-    log = filled(5)
+def test_read_from_next_sequence_is_empty(closed: bool) -> None:
+    log = filled(5, closed=closed)
     read = log.read(6)
     assert read.items == []
     assert read.gap_before == 0
     assert read.next_sequence == 6
-    empty = ExecLog(MAX_CHUNK).read(0)
+    empty = exec_log().read(0)
     assert (empty.items, empty.gap_before, empty.next_sequence) == ([], 0, 1)
 
 
 @pytest.mark.parametrize("beyond", [7, 8, 1000])
-def test_read_past_next_sequence_is_out_of_range(beyond: int) -> None:
-    log = filled(5)
+def test_read_past_next_sequence_is_out_of_range(beyond: int, closed: bool) -> None:
+    log = filled(5, closed=closed)
     with pytest.raises(ExecError) as caught:
         log.read(beyond)
     assert caught.value.code is ErrorCode.OUT_OF_RANGE
@@ -211,25 +242,25 @@ def test_read_past_next_sequence_is_out_of_range(beyond: int) -> None:
     assert "next sequence 6" in caught.value.message
 
 
-@pytest.mark.parametrize("start", [0, 1, 2, 4])
-def test_read_from_evicted_sequence_reports_the_gap(start: int) -> None:
-    log = filled(10, budget=MAX_CHUNK, size=10 * KIB)  # keeps 5..10
-    assert log.first_sequence == 5
-    read = log.read(start)
-    assert read.gap_before == 5 - max(start, 1)
-    assert sequences(read.items) == [5, 6, 7, 8, 9, 10]
+@pytest.mark.parametrize("start", [0, 1, 2, 7])
+def test_read_from_evicted_sequence_reports_the_gap(start: int, closed: bool) -> None:
+    log = filled(10, SMALL_LIMIT, MAX_CHUNK, closed=closed)  # keeps 8..10
+    assert log.first_sequence == 8
+    read = log.read(start, max_cost=1 << 30)
+    assert read.gap_before == 8 - max(start, 1)
+    assert sequences(read.items) == [8, 9, 10]
     assert read.next_sequence == 11
 
 
-def test_read_at_first_retained_sequence_has_no_gap() -> None:
-    log = filled(10, budget=MAX_CHUNK, size=10 * KIB)
-    read = log.read(5)
+def test_read_at_first_retained_sequence_has_no_gap(closed: bool) -> None:
+    log = filled(10, SMALL_LIMIT, MAX_CHUNK, closed=closed)
+    read = log.read(8)
     assert read.gap_before == 0
-    assert sequences(read.items)[0] == 5
+    assert sequences(read.items)[0] == 8
 
 
-def test_max_cost_limits_a_read() -> None:
-    log = filled(6, size=100)
+def test_max_cost_limits_a_read(closed: bool) -> None:
+    log = filled(6, size=100, closed=closed)
     read = log.read(1, max_cost=250)
     assert sequences(read.items) == [1, 2]
     assert read.next_sequence == 3
@@ -239,14 +270,14 @@ def test_max_cost_limits_a_read() -> None:
 
 
 @pytest.mark.parametrize("max_cost", [0, 1, 99])
-def test_max_cost_below_one_item_still_returns_one(max_cost: int) -> None:
-    read = filled(3, size=100).read(2, max_cost=max_cost)
+def test_max_cost_below_one_item_still_returns_one(max_cost: int, closed: bool) -> None:
+    read = filled(3, size=100, closed=closed).read(2, max_cost=max_cost)
     assert sequences(read.items) == [2]
     assert read.next_sequence == 3
 
 
-def test_until_stops_before_that_sequence() -> None:
-    log = filled(6)
+def test_until_stops_before_that_sequence(closed: bool) -> None:
+    log = filled(6, closed=closed)
     read = log.read(2, until=5)
     assert sequences(read.items) == [2, 3, 4]
     assert read.next_sequence == 5
@@ -255,19 +286,19 @@ def test_until_stops_before_that_sequence() -> None:
     assert sequences(log.read(1, max_cost=25, until=5).items) == [1, 2]
 
 
-def test_until_below_the_evicted_part_reports_the_gap_without_items() -> None:
-    log = filled(10, budget=MAX_CHUNK, size=10 * KIB)  # keeps 5..10
+def test_until_below_the_evicted_part_reports_the_gap_without_items(closed: bool) -> None:
+    log = filled(10, SMALL_LIMIT, MAX_CHUNK, closed=closed)  # keeps 8..10
     read = log.read(1, until=4)
     assert read.items == []
-    assert read.gap_before == 4
-    assert read.next_sequence == 5
+    assert read.gap_before == 7
+    assert read.next_sequence == 8
 
 
 # -- listeners and close ---------------------------------------------------------------------
 
 
 def test_listeners_are_notified_on_append_and_close_not_on_empty_append() -> None:
-    log = ExecLog(MAX_CHUNK)
+    log = exec_log()
     calls: list[str] = []
 
     def first() -> None:
@@ -289,7 +320,7 @@ def test_listeners_are_notified_on_append_and_close_not_on_empty_append() -> Non
 
 
 def test_listener_sees_the_appended_chunks() -> None:
-    log = ExecLog(MAX_CHUNK)
+    log = exec_log()
     seen: list[int] = []
     log.add_listener(lambda: seen.append(log.next_sequence))
     log.append(Stream.STDERR, b"abc", 1)
@@ -297,7 +328,7 @@ def test_listener_sees_the_appended_chunks() -> None:
 
 
 def test_listener_may_remove_itself_while_notified() -> None:
-    log = ExecLog(MAX_CHUNK)
+    log = exec_log()
     calls: list[str] = []
 
     def once() -> None:
@@ -326,7 +357,7 @@ def test_close_sets_exit_code_and_ends_appends() -> None:
 
 
 def test_close_with_exit_code_zero_is_closed() -> None:
-    log = ExecLog(MAX_CHUNK)
+    log = exec_log()
     log.close(0)
     assert log.closed
     assert log.exit_code == 0
@@ -336,7 +367,7 @@ def test_close_with_exit_code_zero_is_closed() -> None:
 
 
 def test_cursors_fan_out_identical_items() -> None:
-    log = ExecLog(4 * MAX_CHUNK)
+    log = exec_log()
     a, b, c = Cursor(log, 0), Cursor(log, 0), Cursor(log, 1)
     log.append(Stream.STDOUT, b"one", 1)
     log.append(Stream.STDERR, b"two", 2)
@@ -383,19 +414,19 @@ def test_cursor_past_next_sequence_is_out_of_range(beyond: int) -> None:
     assert str(beyond) in caught.value.message
 
 
-def test_lagging_cursor_gets_a_gap_then_continues() -> None:
-    log = ExecLog(MAX_CHUNK)
+def test_lagging_cursor_gets_a_gap_only_past_the_limit_then_continues() -> None:
+    log = exec_log(SMALL_LIMIT, cache=MAX_CHUNK)
     fast, slow = Cursor(log, 0), Cursor(log, 0)
     for i in range(1, 4):
-        log.append(Stream.STDOUT, bytes([i]) * (10 * KIB), i)
+        log.append(Stream.STDOUT, bytes([i]) * MAX_CHUNK, i)
     assert sequences(fast.read().items) == [1, 2, 3]
     assert sequences(slow.read(max_cost=1).items) == [1]
-    for i in range(4, 11):  # the budget keeps six 10 KiB chunks: 5..10
-        log.append(Stream.STDOUT, bytes([i]) * (10 * KIB), i)
+    for i in range(4, 11):  # the limit keeps three full chunks: 8..10
+        log.append(Stream.STDOUT, bytes([i]) * MAX_CHUNK, i)
         assert fast.read().gap_before == 0
-    read = slow.read()
-    assert read.gap_before == 3  # 2, 3, 4 were evicted
-    assert sequences(read.items) == [5, 6, 7, 8, 9, 10]
+    read = slow.read(max_cost=1 << 30)
+    assert read.gap_before == 6  # 2..7 were evicted
+    assert sequences(read.items) == [8, 9, 10]
     assert slow.caught_up
     log.append(Stream.STDERR, b"after", 11)
     read = slow.read()
@@ -419,13 +450,17 @@ _READ = st.tuples(
 @given(
     # Small against the output (up to 40 appends of up to 200 KiB), but at least one append,
     # so that a reader who reads after every append never lags.
-    budget=st.integers(min_value=200 * KIB, max_value=4 * MAX_CHUNK),
+    limit=st.sampled_from([0, MIN_OUTPUT_LIMIT, 2 * MIN_OUTPUT_LIMIT, 5 * MIN_OUTPUT_LIMIT]),
+    cache=st.integers(min_value=MAX_CHUNK, max_value=4 * MAX_CHUNK),
     operations=st.lists(st.one_of(_APPEND, _READ), max_size=40),
 )
 def test_cursors_account_for_every_sequence_exactly_once(
-    budget: int, operations: list[tuple[str, object, object]]
+    limit: int, cache: int, operations: list[tuple[str, object, object]]
 ) -> None:
-    log = ExecLog(budget)
+    """Whatever the reads and the limit: every chunk once or counted in a gap, gaps only
+    where the limit evicted, and the same chunk for every reader (PROTOCOL 6.4, 6.5, 6.7)."""
+    log = exec_log(limit, cache)
+    by_sequence: dict[int, Chunk] = {}
     # Cursor 0 reads after every append and so never lags; 1..3 read at random times.
     live = Cursor(log, 0)
     laggards = [Cursor(log, 0) for _ in range(3)]
@@ -446,6 +481,10 @@ def test_cursors_account_for_every_sequence_exactly_once(
             assert sum(len(c.data) for c in read.items) <= max_cost
         received[index] += sequences(read.items)
         gaps[index] += read.gap_before
+        if read.gap_before:
+            assert before + read.gap_before <= log.first_sequence, "a gap only where evicted"
+        for chunk in read.items:
+            assert by_sequence.setdefault(chunk.sequence, chunk) == chunk
         if index == 0:
             assert read.gap_before == 0
             for chunk in read.items:
@@ -458,7 +497,7 @@ def test_cursors_account_for_every_sequence_exactly_once(
             data = bytes([counter % 256]) * b
             written[a] += data
             log.append(a, data, counter)
-            assert log.retained_cost <= budget
+            assert not limit or log.stored_bytes <= limit
             while not live.caught_up:
                 take(0, live, None)
         else:
@@ -475,3 +514,5 @@ def test_cursors_account_for_every_sequence_exactly_once(
             assert got[-1] == log.next_sequence - 1  # the newest chunk is always received
     assert received[0] == list(range(1, log.next_sequence))
     assert seen == written
+    if not limit:
+        assert received[1:] == [received[0]] * 3, "no limit: every reader gets everything"

@@ -7,11 +7,12 @@ PROTOCOL 2.1 (identifiers), 3.2 (create or attach), 6.1 (replay range), 8.1-8.2 
 from __future__ import annotations
 
 from dataclasses import astuple
+from pathlib import Path
 
 import pytest
 
 from execstream.server._errors import ErrorCode, ExecError
-from execstream.server._log import Stream
+from execstream.server._log import MIN_OUTPUT_LIMIT, Stream
 from execstream.server._registry import (
     ContainerRecord,
     ExecRecord,
@@ -21,6 +22,7 @@ from execstream.server._registry import (
     validate_id,
 )
 from execstream.server._state import ExecState, IllegalTransition
+from execstream.server._storage import DirectoryArea, MemoryArea
 
 RETENTION = 300.0
 
@@ -212,13 +214,42 @@ def test_tty_exec_has_a_terminal_size(registry: Registry) -> None:
     assert record.terminal_size == (80, 24)
 
 
-def test_history_budget_comes_from_limits(clock: FakeClock) -> None:
-    registry = Registry(Limits(history_bytes=2 * 65536), clock)
+def test_output_limit_and_cache_come_from_limits(clock: FakeClock) -> None:
+    limits = Limits(max_output_bytes=MIN_OUTPUT_LIMIT, memory_cache_bytes=65536)
+    registry = Registry(limits, clock, storage=MemoryArea())
     record = registry.register("c1", "e1")
     for _ in range(5):
         record.log.append(Stream.STDOUT, b"x" * 65536, 1)
-    assert record.log.retained_cost == 2 * 65536
-    assert record.log.first_sequence == 4
+    assert record.log.stored_bytes <= MIN_OUTPUT_LIMIT
+    assert record.log.first_sequence == 3  # three full chunks fit the limit
+    assert record.log.cached_from == 5  # the cache holds one
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_output_bytes", MIN_OUTPUT_LIMIT - 1),
+        ("max_output_bytes", -1),
+        ("max_stored_bytes", 1000),
+        ("memory_cache_bytes", 65535),
+        ("max_execs", 0),
+        ("stdin_bytes", -5),
+    ],
+)
+def test_impossible_limits_are_refused_naming_the_setting(field: str, value: int) -> None:
+    with pytest.raises(ValueError, match=field):
+        Limits(**{field: value})  # type: ignore[arg-type]
+
+
+def test_removal_destroys_the_stored_output(clock: FakeClock, tmp_path: Path) -> None:
+    registry = Registry(Limits(), clock, storage=DirectoryArea(tmp_path))
+    record = registry.register("c1", "e1")
+    record.log.append(Stream.STDOUT, b"kept until removed", 1)
+    assert list((tmp_path / "c1" / "e1").iterdir())
+    registry.mark_started(record)
+    registry.mark_exited(record, 0)
+    registry.remove(record)
+    assert not (tmp_path / "c1").exists()
 
 
 def test_duplicate_register_is_already_exists(registry: Registry) -> None:
