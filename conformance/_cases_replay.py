@@ -1,9 +1,10 @@
-"""Cases of PROTOCOL 6 and 11: replay, the switch to live output, gaps, the bounded history,
+"""Cases of PROTOCOL 6 and 11: replay, the switch to live output, gaps, the output limit,
 clients that do not read, and retention and cleanup of exited execs.
 
 The cases that depend on a server setting take it from the target description
-(``--history-bytes``, ``--retention``, ``--cleanup-interval``); retention cases skip when the
-retention is unknown rather than wait for the reference default of five minutes.
+(``--max-output-bytes``, ``--retention``, ``--cleanup-interval``); retention cases skip when the
+retention is unknown rather than wait for the reference default of five minutes, and eviction
+cases skip when the output limit is too large to overflow in seconds.
 """
 
 from __future__ import annotations
@@ -228,55 +229,106 @@ def _at_least(client: SessionClient, size: int) -> Callable[[], bool]:
     return lambda: client.stdout_bytes >= size
 
 
-# -- 6.4 / 6.5 Gaps and the bounded history ------------------------------------------------
+# -- 6.4 / 6.5 Gaps and the output limit ----------------------------------------------------
+
+#: The largest output limit the eviction cases overflow (they write twice or three times it).
+_MAX_OVERFLOWED_LIMIT = 64 * w.MIB
 
 
-async def _overflowed_exec(ctx: CaseContext) -> tuple[str, str, bytes, int]:
-    """An exec that wrote twice its history and then some; returns its last sequence."""
+def _output_limit(ctx: CaseContext) -> int:
+    """The target's output limit, where the suite can overflow it in seconds."""
+    limit = ctx.target.max_output_bytes
+    if limit == 0:
+        raise Skip("the target has no output limit (--max-output-bytes 0): nothing is evicted")
+    if limit > _MAX_OVERFLOWED_LIMIT:
+        raise Skip(
+            f"the target's output limit is {limit} bytes: overflowing it takes too long; check "
+            f"a server whose limit is at most {_MAX_OVERFLOWED_LIMIT} (--max-output-bytes)"
+        )
+    return limit
+
+
+async def _overflowed_exec(ctx: CaseContext) -> tuple[str, str, bytes, SessionClient]:
+    """An exec that wrote twice its output limit and then some, and then waits on stdin: the
+    caller attaches while it runs (no race with a short retention), then ``_let_exit``."""
     c, e = ctx.container_id(), ctx.exec_id()
-    lines = w.seq_lines_for(2 * ctx.target.history_bytes + 2**20)
+    lines = w.seq_lines_for(2 * _output_limit(ctx) + w.MIB)
     out = w.seq_expected(1, lines)
-    creator = await ctx.run(c, e, ["seq", "1", str(lines)], within=90)
-    expect(creator.ok and creator.exit_code == 0, "the exec ends with exit 0", creator.describe())
+    creator = await ctx.create(c, e, w.sh(f"seq 1 {lines}; read _"), half_close=False)
+    # The creator may itself fall behind the limit (and be told of a gap): wait for the end.
+    ending = f"{lines}\n".encode()
+    await creator.until(
+        lambda: _tail(creator, len(ending)).endswith(ending), f"the last line {lines}", within=90
+    )
     expect_honest(creator)
-    expect(bool(creator.chunks), "output", creator.describe())
-    return c, e, out, creator.chunks[-1].sequence
+    return c, e, out, creator
+
+
+def _tail(client: SessionClient, size: int) -> bytes:
+    """The last ``size`` bytes (or fewer) of a client's stdout, without joining all of it."""
+    tail = b""
+    for chunk in reversed(client.chunks):
+        tail = (chunk.stdout or b"") + tail
+        if len(tail) >= size:
+            break
+    return tail
+
+
+async def _replayed(ctx: CaseContext, c: str, e: str, start: int, last: int) -> SessionClient:
+    """An attach from ``start`` that has received the replay up to chunk ``last``."""
+    client = await ctx.attach(c, e, replay_from=start)
+    await client.until(
+        lambda: bool(client.chunks) and client.chunks[-1].sequence >= last,
+        f"the replay up to #{last}",
+        within=90,
+    )
+    return client
+
+
+async def _let_exit(creator: SessionClient, clients: list[SessionClient]) -> None:
+    await creator.stdin(b"\n")
+    await creator.completed(within=60)
+    for client in clients:
+        await client.finished(within=60)
 
 
 @case(
     "6.4",
-    "evicted-history-gap",
-    "a client that missed evicted chunks is told how many in gap_before",
+    "evicted-output-gap",
+    "a client that missed chunks evicted by the output limit is told how many in gap_before",
     timeout=120,
     heavy=True,
 )
-async def evicted_history_gap(ctx: CaseContext) -> None:
-    c, e, _, last = await _overflowed_exec(ctx)
-    for start in (0, 2):
-        client = await (await ctx.attach(c, e, replay_from=start)).finished()
+async def evicted_output_gap(ctx: CaseContext) -> None:
+    c, e, _, creator = await _overflowed_exec(ctx)
+    last = creator.chunks[-1].sequence
+    starts = (0, 2)
+    clients = [await _replayed(ctx, c, e, start, last) for start in starts]
+    await _let_exit(creator, clients)
+    for start, client in zip(starts, clients, strict=True):
         expect_flow(client)
-        expect(bool(client.chunks), "the retained chunks", client.describe())
         first = client.chunks[0]
         expect_equal(
             first.gap_before,
             first.sequence - max(start, 1),
             f"gap_before of the first chunk replayed from {start} (#{first.sequence})",
         )
-        expect(first.gap_before > 0, "a gap (the output was twice the history)", first.sequence)
+        expect(first.gap_before > 0, "a gap (the output was twice the limit)", first.sequence)
         expect_honest(client, start)
         expect_equal(client.chunks[-1].sequence, last, "the last sequence")
 
 
 @case(
     "6.4",
-    "stalled-client-gap",
-    "a client that stopped reading and resumes gets every chunk or an honest gap_before",
+    "stalled-client-gap-past-the-limit",
+    "a client that stopped reading while the output limit evicted chunks it had not read gets "
+    "every other chunk and an honest gap_before",
     timeout=150,
     heavy=True,
 )
 async def stalled_client_gap(ctx: CaseContext) -> None:
     c, e = ctx.container_id(), ctx.exec_id()
-    lines = w.seq_lines_for(6 * ctx.target.history_bytes)
+    lines = w.seq_lines_for(3 * _output_limit(ctx))
     stalled = await ctx.create(c, e, w.sh(f"read go; seq 1 {lines}"), read=False, label="stalled")
     kind = await stalled.read_one()
     expect(kind == "ready", "ready first", stalled.describe())
@@ -288,26 +340,29 @@ async def stalled_client_gap(ctx: CaseContext) -> None:
     stalled.read_in_background()
     await stalled.completed(within=60)
     missing = expect_honest(stalled)
+    expect(missing > 0, "a gap (three times the limit went past the client)", missing)
     expect_equal(stalled.chunks[-1].sequence, reader.chunks[-1].sequence, "the last sequence")
     ctx.log(f"the stalled client was told of {missing} missing chunks")
 
 
 @case(
     "6.5",
-    "history-bounded-oldest-first",
-    "the history is bounded in bytes and eviction removes the oldest chunks first",
+    "output-limit-oldest-first",
+    "the retained output is bounded by the output limit and eviction removes the oldest first",
     timeout=120,
     heavy=True,
 )
-async def history_bounded(ctx: CaseContext) -> None:
-    c, e, out, last = await _overflowed_exec(ctx)
-    client = await (await ctx.attach(c, e)).finished()
+async def output_limit_oldest_first(ctx: CaseContext) -> None:
+    c, e, out, creator = await _overflowed_exec(ctx)
+    last = creator.chunks[-1].sequence
+    client = await _replayed(ctx, c, e, 0, last)
+    await _let_exit(creator, [client])
     expect_flow(client)
     retained = sum(len(x.stdout or x.stderr or b"") for x in client.chunks)
-    bound = ctx.target.history_bytes + 64 * 1024
+    limit = ctx.target.max_output_bytes
     expect(
-        0 < retained <= bound,
-        f"a retained history of at most {bound} bytes (--history-bytes + one chunk)",
+        0 < retained <= limit,
+        f"retained output of at most {limit} bytes (--max-output-bytes)",
         f"{retained} bytes",
     )
     expect(
@@ -327,7 +382,7 @@ async def history_bounded(ctx: CaseContext) -> None:
 )
 async def stalled_delays_nobody(ctx: CaseContext) -> None:
     c, e = ctx.container_id(), ctx.exec_id()
-    size = 4 * ctx.target.history_bytes
+    size = 16 * w.MIB
     stalled = await ctx.create(
         c, e, w.sh(f"read go; head -c {size} /dev/zero; echo end"), read=False, label="stalled"
     )
@@ -344,6 +399,71 @@ async def stalled_delays_nobody(ctx: CaseContext) -> None:
     late = await (await ctx.attach(c, e, replay_from=reader.chunks[-1].sequence)).finished()
     expect_flow(late)
     stalled.cancel()
+
+
+# -- 6.7 Slow clients lose nothing ----------------------------------------------------------
+
+
+@case(
+    "6.7",
+    "stalled-client-loses-nothing",
+    "a client that reads nothing until the exec has exited then receives every chunk (within "
+    "the output limit), identical to a fast client's, with no gap",
+    timeout=180,
+    heavy=True,
+)
+async def stalled_loses_nothing(ctx: CaseContext) -> None:
+    c, e = ctx.container_id(), ctx.exec_id()
+    lines = w.seq_lines_for(w.within_limit(ctx.target.max_output_bytes, 32 * w.MIB))
+    out = w.seq_expected(1, lines)
+    stalled = await ctx.create(c, e, w.sh(f"read go; seq 1 {lines}"), read=False, label="stalled")
+    kind = await stalled.read_one()
+    expect(kind == "ready", "ready first", stalled.describe())
+    reader = await ctx.attach(c, e, half_close=False, label="reader")
+    await reader.until_ready()
+    await reader.stdin(b"go\n")
+    await reader.completed(within=120)
+    expect_contiguous(reader)
+    expect_output(reader, out)
+    status = await ctx.status(c, e)
+    expect_equal((status.status, status.exit_code), ("exited", 0), "exec status")
+    stalled.read_in_background()
+    await stalled.completed(within=120)
+    expect_flow(stalled)
+    expect_contiguous(stalled)
+    expect_output(stalled, out)
+    expect_same_chunks([reader, stalled])
+    ctx.log(f"the stalled client received all {len(out)} bytes after the exit")
+
+
+@case(
+    "6.7",
+    "replay-after-exit-complete",
+    "a client attaching after the exec exited receives all of its output (within the output "
+    "limit) from sequence 1, the same chunks, then exit; replay from a middle sequence too",
+    timeout=150,
+    heavy=True,
+)
+async def replay_after_exit_complete(ctx: CaseContext) -> None:
+    c, e = ctx.container_id(), ctx.exec_id()
+    # Small enough to replay twice well within a short retention, larger than a memory cache.
+    lines = w.seq_lines_for(w.within_limit(ctx.target.max_output_bytes, 6 * w.MIB))
+    out = w.seq_expected(1, lines)
+    creator = await ctx.run(c, e, ["seq", "1", str(lines)], within=120)
+    expect_flow(creator)
+    expect_contiguous(creator)
+    expect_output(creator, out)
+    late = await (await ctx.attach(c, e)).finished(within=120)
+    expect_flow(late)
+    expect_contiguous(late)
+    expect_output(late, out)
+    expect_same_chunks([creator, late])
+    expect_equal(late.exit_code, creator.exit_code, "exit code")
+    middle = creator.chunks[len(creator.chunks) // 2].sequence
+    rest = await (await ctx.attach(c, e, replay_from=middle)).finished(within=120)
+    expect_flow(rest)
+    expect_contiguous(rest, middle)
+    expect_same_chunks([creator, rest])
 
 
 # -- 11 Retention and cleanup --------------------------------------------------------------

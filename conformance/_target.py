@@ -16,6 +16,11 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
+#: The smallest output limit the suite can check a target with (PROTOCOL 6.5).
+MIN_OUTPUT_LIMIT = 1024 * 1024
+#: The reference server's output limit, assumed when the target's is not given.
+DEFAULT_OUTPUT_LIMIT = 1024 * 1024 * 1024
+
 __all__ = ["CHANNEL_OPTIONS", "Target"]
 
 #: The suite accepts any message size, so that an oversized chunk is reported by the case that
@@ -39,8 +44,8 @@ class Target:
     retention: float | None = None
     #: Seconds between retention sweeps (11.2); ``None``: unknown, the cases skip.
     cleanup_interval: float | None = None
-    #: Output history per exec, bytes (6.5); the reference server's default.
-    history_bytes: int = 4 * 1024 * 1024
+    #: Output retained per exec, bytes (6.5; 0: no limit); the reference server's default.
+    max_output_bytes: int = DEFAULT_OUTPUT_LIMIT
     #: Largest stdin message accepted, bytes (7.2); the reference server's default.
     stdin_bytes: int = 1024 * 1024
     #: Clients one exec accepts (13.1); ``None``: unknown, the case skips.
@@ -51,8 +56,8 @@ class Target:
     def __post_init__(self) -> None:
         if not self.address:
             raise ValueError("the target address is empty")
-        if self.history_bytes < 1024 * 1024:
-            raise ValueError("the suite needs a history of at least 1 MiB per exec")
+        if 0 < self.max_output_bytes < MIN_OUTPUT_LIMIT:
+            raise ValueError("the suite needs an output limit of at least 1 MiB per exec, or none")
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:

@@ -19,7 +19,16 @@ __all__ = [
     "seq_expected",
     "seq_lines_for",
     "sh",
+    "within_limit",
 ]
+
+MIB = 1024 * 1024
+
+
+def within_limit(limit: int, size: int) -> int:
+    """``size``, or less where the target's output limit (PROTOCOL 6.5; 0: none) is smaller:
+    three quarters of it, which leaves room for whatever a server counts besides the data."""
+    return size if limit == 0 else min(size, limit * 3 // 4)
 
 
 def sh(script: str) -> list[str]:

@@ -51,7 +51,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="the target's sweep interval (unknown: 11.x cases skip)",
     )
     group.addoption(
-        "--execstream-history-bytes", type=int, default=4 * 1024 * 1024, metavar="BYTES"
+        "--execstream-max-output-bytes",
+        type=int,
+        default=1024 * 1024 * 1024,
+        metavar="BYTES",
+        help="the target's output limit per exec (0: none)",
     )
     group.addoption("--execstream-stdin-bytes", type=int, default=1024 * 1024, metavar="BYTES")
     group.addoption(
@@ -98,7 +102,7 @@ def target_from_config(config: pytest.Config) -> Target | None:
         ca=Path(ca) if ca else None,
         retention=config.getoption("--execstream-retention"),
         cleanup_interval=config.getoption("--execstream-cleanup-interval"),
-        history_bytes=int(config.getoption("--execstream-history-bytes")),
+        max_output_bytes=int(config.getoption("--execstream-max-output-bytes")),
         stdin_bytes=int(config.getoption("--execstream-stdin-bytes")),
         max_clients_per_exec=int(config.getoption("--execstream-max-clients-per-exec")) or None,
     )

@@ -350,7 +350,8 @@ class Registry:
     def remove(self, record: ExecRecord) -> None:
         """PROTOCOL 11.2: forget the exec; the container goes with its last exec."""
         self._move(record, ExecEvent.REMOVE)
-        record.log.destroy()
+        if not record.clients:  # else the last attached client's detach destroys it
+            record.log.destroy()
         container = record.container
         del container.execs[record.exec_id]
         self._exec_count -= 1
@@ -425,7 +426,11 @@ class Registry:
         return cursor
 
     def detach(self, record: ExecRecord) -> None:
+        """A client left; a removed exec's output goes with its last client, so that one
+        still reading behind is served to the end (PROTOCOL 6.7, 11.2)."""
         record.clients -= 1
+        if not record.clients and record.state is ExecState.REMOVED:
+            record.log.destroy()
 
     def subscribe(self) -> None:
         if self.subscribers >= self.limits.max_subscribers:

@@ -22,6 +22,7 @@ import grpc.aio
 
 from execstream import wire
 from execstream.conformance import Target
+from execstream.server import Limits
 from execstream.server.testing import serve
 
 TOKEN = "conformance-test-token"
@@ -37,9 +38,18 @@ _Ctx = grpc.aio.ServicerContext[Any, Any]
 REFERENCE_DEVIATIONS: dict[str, str] = {}
 
 
+#: The reference server's output limit in these tests (as the embedded target's): small, so
+#: that the eviction cases of 6.4 and 6.5 take seconds.
+OUTPUT_LIMIT = 16 * 1024 * 1024
+
+
 def target_for(address: str, token: str | None = TOKEN) -> Target:
     return Target(
-        address=address, token=token, retention=RETENTION, cleanup_interval=CLEANUP_INTERVAL
+        address=address,
+        token=token,
+        retention=RETENTION,
+        cleanup_interval=CLEANUP_INTERVAL,
+        max_output_bytes=OUTPUT_LIMIT,
     )
 
 
@@ -53,6 +63,7 @@ async def reference(**settings: Any) -> AsyncIterator[Target]:
         "retention": RETENTION,
         "cleanup_interval": CLEANUP_INTERVAL,
         "token": TOKEN,
+        "limits": Limits(max_output_bytes=OUTPUT_LIMIT),
     }
     config.update(settings)
     async with serve(**config) as server:

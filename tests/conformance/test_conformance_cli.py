@@ -81,11 +81,10 @@ def conformance(*args: str, timeout: float = 300) -> subprocess.CompletedProcess
 
 def test_against_a_server_started_separately(tmp_path: Path) -> None:
     report = tmp_path / "out.json"
-    with serving(
-        "--retention", "2", "--cleanup-interval", "0.5", log=tmp_path / "serve.log"
-    ) as addr:
+    settings = ("--retention", "2", "--cleanup-interval", "0.5")
+    with serving(*settings, "--max-output-bytes", "16MiB", log=tmp_path / "serve.log") as addr:
         done = conformance(
-            "--target", addr, "--retention", "2", "--cleanup-interval", "0.5",
+            "--target", addr, *settings, "--max-output-bytes", str(16 * 1024 * 1024),
             "--json", str(report), *_known_deviations(),
         )  # fmt: skip
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]

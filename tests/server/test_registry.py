@@ -728,3 +728,29 @@ def test_attach_after_exit_sees_exit_code(registry: Registry) -> None:
     assert cursor.caught_up
     assert cursor.log is record.log
     assert record.log.exit_code == 3
+
+
+def test_output_of_a_removed_exec_stays_for_the_clients_still_reading_it(
+    clock: FakeClock, tmp_path: Path
+) -> None:
+    """PROTOCOL 6.7 and 11.2: removal makes the exec NOT_FOUND at once, but a client already
+    attached and behind still reads every chunk; the files go with the last client."""
+    registry = Registry(Limits(memory_cache_bytes=65536), clock, storage=DirectoryArea(tmp_path))
+    record = registry.register("c1", "e1")
+    registry.mark_started(record)
+    for i in range(50):
+        record.log.append(Stream.STDOUT, bytes([i]) * 10_000, i)
+    registry.mark_exited(record, 0)
+    slow = registry.attach(record, 0)
+    registry.remove(record)
+    with expect_error(ErrorCode.NOT_FOUND):
+        registry.get("c1", "e1")
+    got = []
+    while not slow.caught_up:
+        read = slow.read(max_cost=30_000)
+        assert read.gap_before == 0
+        got += read.items
+    assert [c.data[0] for c in got] == list(range(50))
+    assert (tmp_path / "c1" / "e1").is_dir()
+    registry.detach(record)
+    assert not (tmp_path / "c1").exists()
