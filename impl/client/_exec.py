@@ -232,6 +232,8 @@ class Exec:
         self._deadline = None if timeout is None else loop.time() + timeout
         #: The last sequence delivered or reported in a gap; the resume point is one more.
         self._last = max(from_sequence - 1, 0)
+        #: Chunks the server said this client will never get (PROTOCOL 6.4).
+        self._missed = 0
         self._buffer = _EventBuffer(BUFFER_EVENTS)
         self._call: _SessionCall | None = None
         #: Set when the reader is done with the current call (exit, failure or resume).
@@ -271,6 +273,14 @@ class Exec:
     def last_sequence(self) -> int:
         """The last output sequence delivered or reported as missed."""
         return self._last
+
+    @property
+    def missed(self) -> int:
+        """How many chunks of output this client will never get, because the server no longer
+        had them (its output limit evicted them, PROTOCOL 6.4, 6.5): 0 means that every chunk
+        from the start of this session reached the client.  Chunks that :meth:`wait` dropped
+        because nobody iterated are not counted: they were delivered, and left unread."""
+        return self._missed
 
     # -- opening and the reader ----------------------------------------------------------
 
@@ -395,6 +405,7 @@ class Exec:
                 raise ProtocolError("an output chunk without a sequence number (PROTOCOL 4.2)")
             return  # sent again by a resume's replay: already delivered
         if sequence > self._last + 1:  # PROTOCOL 6.4: missed chunks are reported
+            self._missed += sequence - self._last - 1
             await self._buffer.put(Gap(sequence - self._last - 1, sequence))
         self._last = sequence
         stream: StreamName = "stdout" if chunk.stdout is not None else "stderr"
@@ -481,7 +492,10 @@ class Exec:
         return events
 
     async def wait(self) -> int:
-        """The exit code; drains the output nobody reads meanwhile (reported as a Gap)."""
+        """The exit code; drains the output nobody reads meanwhile (reported as a Gap).
+
+        Whether output was lost on the way is :attr:`missed` (non-zero: lost), so a caller
+        that must have every byte checks it after the exit code."""
         if not self._finished.is_set():
             self._buffer.start_draining()
             try:

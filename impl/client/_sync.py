@@ -263,6 +263,11 @@ class SyncExec:
         return self._exec.last_sequence
 
     @property
+    def missed(self) -> int:
+        """See :attr:`Exec.missed`."""
+        return self._exec.missed
+
+    @property
     def resumes(self) -> int:
         return self._exec.resumes
 

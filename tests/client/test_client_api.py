@@ -136,6 +136,7 @@ async def _wait_alongside(client: AsyncExecClient) -> None:
 
     consumer = asyncio.create_task(consume())
     assert await exec_.wait() == 0
+    assert exec_.missed == 0, "a slow consumer loses nothing (PROTOCOL 6.7)"
     seen = await consumer
     assert_contiguous(seen)
     assert sum(len(o.data) for o in seen if isinstance(o, Output)) == 12_000_000

@@ -120,6 +120,7 @@ async def test_output_lost_while_disconnected_is_reported_as_a_gap() -> None:
     assert exec_.resumes == 1 and received[-1] == Exit(0)
     gaps = [event for event in received if isinstance(event, Gap)]
     assert gaps and all(gap.missed > 0 for gap in gaps)
+    assert exec_.missed == sum(gap.missed for gap in gaps), "what wait() callers check"
     # Every chunk is accounted for exactly once: received, or counted in the gap before it.
     last = 0
     for event in received:
