@@ -46,8 +46,8 @@ class Output:
 class Gap:
     """``missed`` chunks right before ``before_sequence`` that this client will never get.
 
-    The server reports a gap when the exec's bounded history moved past this client (PROTOCOL
-    6.4); the client also reports, the same way, chunks it dropped itself while
+    The server reports a gap when its output limit evicted chunks before this client read
+    them (PROTOCOL 6.4, 6.5); the client also reports, the same way, chunks it dropped itself while
     :meth:`Exec.wait` drained output that nobody read.
     """
 

@@ -5,9 +5,11 @@ Theory of operation.  An :class:`Exec` is opened by ``run`` or ``attach``: the f
 the call.  From then on one reader task owns the stream.  It turns each ``SessionResponse``
 into typed events (:class:`Output`, :class:`Gap`, :class:`Exit`) and puts them into a small
 bounded buffer that the caller's ``async for`` takes from.  Because the buffer is bounded,
-a caller that stops reading stops the reader, gRPC flow control pushes back, and the server
-(whose exec never waits for clients, PROTOCOL 6.6) eventually reports the chunks this client
-fell behind on as a gap: memory stays bounded and nothing is lost silently.
+a caller that stops reading stops the reader and gRPC flow control pushes back; the server
+(whose exec never waits for clients, PROTOCOL 6.6) keeps the output and serves it when the
+caller reads again (6.7), so memory stays bounded and nothing is lost for being slow.  Only
+output the server's output limit evicted before it was read is missing, reported as a
+:class:`Gap` and counted in :attr:`Exec.missed`.
 
 Resume.  The reader remembers the last sequence it accounted for.  When the stream fails with
 ``UNAVAILABLE`` (a broken connection, a restarted proxy...) but not with the server's

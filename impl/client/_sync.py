@@ -11,8 +11,8 @@ does other things.
 Iterators cross the thread boundary in batches: each ``next()`` that finds the local batch
 empty takes, in one round trip, every event the async :class:`Exec` has buffered (at least
 one, at most 64).  The async side's bounded buffer still applies, so a slow sync consumer is
-treated like a slow async one (flow control, then an honest :class:`Gap`), and resume after a
-broken connection happens on the portal without the caller noticing.
+treated like a slow async one (flow control; the server keeps the output meanwhile), and
+resume after a broken connection happens on the portal without the caller noticing.
 
 Ctrl-C in the calling thread interrupts the blocking wait and cancels the coroutine on the
 portal.  Use ``with ExecClient(...) as client:`` or call :meth:`ExecClient.close`, which
