@@ -3,7 +3,7 @@
 The suite talks to the target only over the network (DESIGN: "the conformance suite talks to
 servers only over the network").  What it cannot learn over the wire it is told: the token,
 TLS, and the server settings some clauses depend on (retention and sweep interval, 11.1 and
-11.2; history bytes, 6.5; the stdin limit, 7.2; clients per exec, 13.1).  A setting left
+11.2; the output limit, 6.5; the stdin limit, 7.2; clients per exec, 13.1).  A setting left
 unknown (``None``) makes the cases that need it SKIP with a reason rather than guess.
 """
 

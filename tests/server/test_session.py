@@ -166,7 +166,7 @@ async def test_stalled_client_delays_neither_the_exec_nor_other_clients(
     """PROTOCOL 6.6: a client that stops reading while 20 MiB is produced.
 
     The output is paced (64 KiB per 4 ms, about 16 MB/s: far below what one client can
-    read) so that a reading client never falls behind the 4 MiB history; the stalled one
+    read) so that the reading client's time measures the exec, not gRPC; the stalled one
     falls behind by megabytes and must not hold anything up."""
     produce = "sleep 0.5; for i in $(seq 1 320); do head -c 65536 /dev/zero; sleep 0.004; done"
     c = ids()[0]
