@@ -9,7 +9,7 @@ import stat
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -146,6 +146,57 @@ def test_bad_flags_are_a_clear_error() -> None:
         timeout=30,
     )
     assert result.returncode == 2 and "must be > 0" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-output-bytes", "100"], "--max-output-bytes: must be 0 (no limit) or at least"),
+        (["--max-output-bytes", "lots"], "--max-output-bytes: not a size in bytes: 'lots'"),
+        (
+            ["--memory-cache-bytes", "1KiB"],
+            "--memory-cache-bytes/--history-bytes: must be at least 65536",
+        ),
+        (
+            ["--history-bytes", "1000"],
+            "--memory-cache-bytes/--history-bytes: must be at least 65536",
+        ),
+        (["--max-stored-bytes", "-5"], "--max-stored-bytes: not a size in bytes"),
+    ],
+)
+def test_impossible_output_settings_are_one_clear_line(flags: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "execstream", "serve", "--listen", "127.0.0.1:0", *flags],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_sizes_with_units_are_the_server_settings(serve_cli) -> None:  # type: ignore[no-untyped-def]
+    """``--max-output-bytes 256KiB``: a client that did not read sees the oldest evicted."""
+    served = serve_cli("--listen", "127.0.0.1:0", "--max-output-bytes", "256KiB")
+    async with grpc.aio.insecure_channel(served.address) as channel:
+        stub = wire.ExecStub(channel)
+        c = f"c-{uuid.uuid4().hex[:8]}"
+        command = ["head", "-c", str(4 * 1024 * 1024), "/dev/zero"]
+        start = wire.Start(container_id=c, exec_id="e", command=command)
+
+        async def one(start: wire.Start) -> AsyncIterator[wire.SessionRequest]:
+            yield wire.SessionRequest(start=start)
+
+        async for response in stub.Session(one(start)):
+            if response.exit is not None:
+                break
+        attach = wire.Start(container_id=c, exec_id="e")
+        retained = gaps = 0
+        async for response in stub.Session(one(attach)):
+            if response.output_chunk is not None:
+                retained += len(response.output_chunk.stdout or b"")
+                gaps += response.output_chunk.gap_before
+        assert 0 < retained <= 256 * 1024 and gaps > 0
 
 
 def test_demo_shows_two_identical_streams_and_the_exit_code() -> None:
