@@ -194,7 +194,8 @@ class StorageBudget:
         self._order: collections.deque[tuple[ExecLog, int]] = collections.deque()
 
     def added(self, owner: ExecLog, segment: int) -> None:
-        self._order.append((owner, segment))
+        if self.cap:  # without a cap nothing is ever taken in this order
+            self._order.append((owner, segment))
 
     def charge(self, size: int) -> None:
         self.used += size
@@ -208,9 +209,10 @@ class StorageBudget:
         self._order = collections.deque(e for e in self._order if e[0] is not owner)
 
     def _evict_oldest(self) -> bool:
+        # Segments their own exec's limit (or removal) took are gone already; oldest first.
+        while self._order and not self._order[0][0].holds(self._order[0][1]):
+            self._order.popleft()
         for index, (owner, segment) in enumerate(self._order):
-            if not owner.holds(segment):
-                continue
             if owner.can_evict(segment):
                 del self._order[index]
                 first, last, size = owner.evict_oldest()
@@ -224,7 +226,6 @@ class StorageBudget:
                     owner.name,
                 )
                 return True
-        self._order = collections.deque(e for e in self._order if e[0].holds(e[1]))
         return False
 
 
@@ -309,7 +310,10 @@ class ExecLog:
         return self.exit_code is not None
 
     def holds(self, segment: int) -> bool:
-        return any(s.number == segment for s in self._segments)
+        """Segments are numbered without holes, and evicted only from the oldest."""
+        return bool(self._segments) and (
+            self._segments[0].number <= segment <= self._segments[-1].number
+        )
 
     def can_evict(self, segment: int) -> bool:
         """``segment`` is the oldest and not the newest (which holds the newest chunk)."""
@@ -466,33 +470,31 @@ class ExecLog:
         """PROTOCOL 6.7: the same chunks, read back from storage, one segment at a time."""
         items: list[Chunk] = []
         index = bisect.bisect_right(self._first_sequences, start) - 1
-        expected = start
-        while index < len(self._segments) and expected < stop:
-            if items and sum(len(c.data) for c in items) >= budget:
-                break
-            segment = self._segments[index]
-            spent = sum(len(c.data) for c in items)
-            expected = self._read_segment(segment, expected, stop, budget - spent, items)
+        expected, spent = start, 0
+        while index < len(self._segments) and expected < stop and (not items or spent < budget):
+            expected, spent = self._read_segment(
+                self._segments[index], expected, stop, budget, items, spent
+            )
             index += 1
             if index < len(self._segments) and expected < self._first_sequences[index]:
-                break  # the budget ended inside this segment
+                break  # the budget ended inside that segment
         if not items:
             raise RuntimeError(f"the stored output of exec {self.name} is corrupt at chunk {start}")
         return items
 
     def _read_segment(
-        self, segment: _Segment, start: int, stop: int, budget: int, items: list[Chunk]
-    ) -> int:
-        """Append to ``items`` the chunks of ``segment`` from ``start`` (at least one if
-        ``items`` is empty, else within ``budget``); the next sequence to read."""
+        self, segment: _Segment, start: int, stop: int, budget: int, items: list[Chunk], spent: int
+    ) -> tuple[int, int]:
+        """Append to ``items`` the chunks of ``segment`` from ``start``: at least one if
+        ``items`` is empty, else while ``spent`` stays within ``budget``.  Returns the next
+        sequence to read and what is spent."""
         hint = self._positions.pop(start, None)
         offset = hint[1] if hint is not None and hint[0] == segment.number else None
         if offset is None:
             offset = 0 if start == segment.first_sequence else self._locate(segment, start)
-        buffer = self._storage.read(
-            segment.number, offset, min(segment.size - offset, max(budget, 0) + _SLACK)
-        )
-        spent = position = 0
+        want = min(segment.size - offset, max(budget - spent, 0) + _SLACK)
+        buffer = self._storage.read(segment.number, offset, want)
+        position = 0
         expected = start
         while position + HEADER.size <= len(buffer) and expected < stop:
             sequence, timestamp, length, code = HEADER.unpack_from(buffer, position)
@@ -504,9 +506,8 @@ class ExecLog:
                     f"the stored output of exec {self.name} is corrupt: chunk {sequence} "
                     f"where {expected} belongs"
                 )
-            items.append(
-                Chunk(sequence, timestamp, _CODE_STREAM[code], buffer[position + HEADER.size : end])
-            )
+            data = buffer[position + HEADER.size : end]
+            items.append(Chunk(sequence, timestamp, _CODE_STREAM[code], data))
             spent += length
             position = end
             expected += 1
@@ -514,7 +515,7 @@ class ExecLog:
             if len(self._positions) >= _POSITIONS:
                 del self._positions[next(iter(self._positions))]
             self._positions[expected] = (segment.number, offset + position)
-        return expected
+        return expected, spent
 
     def _locate(self, segment: _Segment, sequence: int) -> int:
         """The offset of ``sequence``'s record in ``segment``, by walking its headers."""
