@@ -453,14 +453,17 @@ async def replay_after_exit_complete(ctx: CaseContext) -> None:
     expect_flow(creator)
     expect_contiguous(creator)
     expect_output(creator, out)
-    late = await (await ctx.attach(c, e)).finished(within=120)
+    # Both attach at once, right after the exit: well within any retention.
+    middle = creator.chunks[len(creator.chunks) // 2].sequence
+    late = await ctx.attach(c, e)
+    rest = await ctx.attach(c, e, replay_from=middle)
+    await late.finished(within=120)
+    await rest.finished(within=120)
     expect_flow(late)
     expect_contiguous(late)
     expect_output(late, out)
     expect_same_chunks([creator, late])
     expect_equal(late.exit_code, creator.exit_code, "exit code")
-    middle = creator.chunks[len(creator.chunks) // 2].sequence
-    rest = await (await ctx.attach(c, e, replay_from=middle)).finished(within=120)
     expect_flow(rest)
     expect_contiguous(rest, middle)
     expect_same_chunks([creator, rest])
