@@ -95,6 +95,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="clients one exec accepts; 0 if unknown (default %(default)s)",
     )
+    settings.add_argument(
+        "--max-execs-per-container",
+        type=int,
+        default=128,
+        metavar="N",
+        help="execs one container runs at once; 0 if unknown (default %(default)s)",
+    )
     which = p.add_argument_group("which cases")
     which.add_argument(
         "--case",
@@ -186,6 +193,7 @@ def _target_from(args: argparse.Namespace, address: str, **overrides: Any) -> Ta
         "history_bytes": args.history_bytes,
         "stdin_bytes": args.stdin_bytes,
         "max_clients_per_exec": args.max_clients_per_exec or None,
+        "max_execs_per_container": args.max_execs_per_container or None,
         "connect_timeout": args.connect_timeout,
     }
     fields.update(overrides)
@@ -215,6 +223,7 @@ async def _check(args: argparse.Namespace, case_ids: list[str]) -> int:
             history_bytes=limits.history_bytes,
             stdin_bytes=limits.stdin_bytes,
             max_clients_per_exec=limits.max_clients_per_exec,
+            max_execs_per_container=limits.max_execs_per_container,
         )
         print(f"embedded reference server on {server.address}", flush=True)
         return await _check_target(args, target, case_ids)

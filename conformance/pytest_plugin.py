@@ -62,6 +62,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="0 if unknown",
     )
     group.addoption(
+        "--execstream-max-execs-per-container",
+        type=int,
+        default=128,
+        metavar="N",
+        help="0 if unknown",
+    )
+    group.addoption(
         "--execstream-level",
         choices=["must", "should"],
         default="should",
@@ -101,4 +108,6 @@ def target_from_config(config: pytest.Config) -> Target | None:
         history_bytes=int(config.getoption("--execstream-history-bytes")),
         stdin_bytes=int(config.getoption("--execstream-stdin-bytes")),
         max_clients_per_exec=int(config.getoption("--execstream-max-clients-per-exec")) or None,
+        max_execs_per_container=int(config.getoption("--execstream-max-execs-per-container"))
+        or None,
     )

@@ -61,14 +61,42 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=30.0,
         help="seconds between retention sweeps (default %(default)s)",
     )
-    p.add_argument("--max-execs", type=_positive_int, default=defaults.max_execs)
     p.add_argument(
-        "--max-execs-per-container", type=_positive_int, default=defaults.max_execs_per_container
+        "--max-execs",
+        type=_positive_int,
+        default=defaults.max_execs,
+        metavar="N",
+        help="execs that have not exited, in all (default %(default)s)",
     )
     p.add_argument(
-        "--max-clients-per-exec", type=_positive_int, default=defaults.max_clients_per_exec
+        "--max-execs-per-container",
+        type=_positive_int,
+        default=defaults.max_execs_per_container,
+        metavar="N",
+        help="execs that have not exited, per container (default %(default)s)",
     )
-    p.add_argument("--max-subscribers", type=_positive_int, default=defaults.max_subscribers)
+    p.add_argument(
+        "--max-exited-execs",
+        type=_positive_int,
+        default=defaults.max_exited_execs,
+        metavar="N",
+        help="exited execs kept for attach; past it the earliest exits are removed before "
+        "their retention ends (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-clients-per-exec",
+        type=_positive_int,
+        default=defaults.max_clients_per_exec,
+        metavar="N",
+        help="clients attached to one exec at once (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-subscribers",
+        type=_positive_int,
+        default=defaults.max_subscribers,
+        metavar="N",
+        help="lifecycle event subscribers at once (default %(default)s)",
+    )
     p.add_argument(
         "--history-bytes",
         type=_positive_int,
@@ -87,7 +115,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=None,
         help="where containers and output copies live (default: a fresh temp dir)",
     )
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="server log on stderr: DEBUG, INFO, WARNING or ERROR (default %(default)s)",
+    )
     p.set_defaults(run=_serve)
 
 
@@ -95,6 +128,7 @@ async def _serve_async(args: argparse.Namespace) -> int:
     limits = Limits(
         max_execs=args.max_execs,
         max_execs_per_container=args.max_execs_per_container,
+        max_exited_execs=args.max_exited_execs,
         max_clients_per_exec=args.max_clients_per_exec,
         max_subscribers=args.max_subscribers,
         history_bytes=args.history_bytes,
