@@ -2,19 +2,39 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import logging
 import os
-import signal
 import sys
-from collections.abc import Sequence
-from pathlib import Path
 
-from ._cli_client import add_client_commands
-from .server import ExecServer, Limits, ServerSettings
 
-__all__ = ["main"]
+def _quiet_grpc_core() -> None:
+    """gRPC's C core logs (``E1130 ... ssl_transport_security.cc``) go to stderr ahead of
+    our one-line errors; it reads GRPC_VERBOSITY once, when grpc is imported, so this runs
+    before that.  ``--verbose`` (or a GRPC_VERBOSITY of the user's) keeps them."""
+    if "GRPC_VERBOSITY" not in os.environ and not {"-v", "--verbose"} & set(sys.argv[1:]):
+        os.environ["GRPC_VERBOSITY"] = "NONE"
+        import grpc  # noqa: F401  (reads the variable now)
+
+        del os.environ["GRPC_VERBOSITY"]  # not inherited by what we start
+
+
+_quiet_grpc_core()
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+import signal  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from ._cli_client import (  # noqa: E402
+    EXIT_STATUS_HELP,
+    add_client_commands,
+    add_global_options,
+    apply_global_options,
+)
+from .server import ExecServer, Limits, ServerSettings  # noqa: E402
+
+__all__ = ["build_parser", "main"]
 
 
 def _positive_int(text: str) -> int:
@@ -171,7 +191,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("demo", help="start a server, run a command, attach two clients")
+    p = sub.add_parser(
+        "demo",
+        help="start a server, run a command, attach two clients",
+        description="Start a reference server on a free local port, run one exec, and show "
+        "two clients (one joining late) receiving the same output and exit code.",
+    )
     p.set_defaults(run=_demo)
 
 
@@ -181,19 +206,35 @@ def _demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``execstream`` parser and its subcommands."""
     parser = argparse.ArgumentParser(
         prog="execstream",
-        description="Stream container exec output over gRPC to any number of clients.",
+        usage="execstream [CONNECTION OPTIONS] COMMAND [OPTIONS] [ARGS]",
+        description="Stream container exec output over gRPC to any number of clients.  "
+        "The connection options (--target, --token, --tls, --ca, --cert, --key, --timeout, "
+        "--verbose; see 'execstream run --help') go before or after the command.",
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_global_options(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, prog="execstream")
     _add_serve(sub)
     _add_demo(sub)
     from .conformance._cli import add_conformance_command
 
     add_conformance_command(sub)
     add_client_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        apply_global_options(args)
+    except ValueError as error:
+        parser.error(str(error))
     code: int = args.run(args)
     return code
 
