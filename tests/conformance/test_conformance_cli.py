@@ -243,7 +243,20 @@ def test_pytest_plugin_runs_the_cases_against_a_target(tmp_path: Path) -> None:
         )  # fmt: skip
     chosen = [c for c in CASES if c.id.startswith(("session/5.1/", "auth/"))]
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-2000:]
-    assert f"{len(chosen)} passed, {len(CASES) - len(chosen)} skipped" in done.stdout
+    assert f"{len(chosen)} passed, {len(CASES) - len(chosen)} deselected" in done.stdout
+
+
+def test_pytest_plugin_errors_only_the_selected_cases_when_unreachable(tmp_path: Path) -> None:
+    done = _pytest(
+        "--pyargs", "execstream.conformance", "-q",
+        "--execstream-target", "127.0.0.1:1", "--execstream-connect-timeout", "0.5",
+        "--execstream-case", "session/5.1",
+        cwd=tmp_path,
+    )  # fmt: skip
+    chosen = [c for c in CASES if c.id.startswith("session/5.1/")]
+    assert done.returncode == 1, done.stdout[-3000:]
+    assert f"{len(CASES) - len(chosen)} deselected, {len(chosen)} errors" in done.stdout
+    assert "HarnessError" in done.stdout and "127.0.0.1:1" in done.stdout
 
 
 def test_pytest_plugin_without_a_target_skips_saying_why(tmp_path: Path) -> None:
