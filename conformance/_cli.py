@@ -231,14 +231,22 @@ async def _check(args: argparse.Namespace, case_ids: list[str]) -> int:
 
 async def _check_target(args: argparse.Namespace, target: Target, case_ids: list[str]) -> int:
     from ._case import REGISTRY
-    from ._report import case_line, exit_status, failure_lines, json_report, junit_xml, summary
+    from ._report import (
+        case_line,
+        exit_status,
+        failure_lines,
+        json_report,
+        junit_xml,
+        skip_lines,
+        summary,
+    )
     from ._runner import run_suite
 
     cases = [REGISTRY[i] for i in case_ids]
     print(f"checking {target.describe()}: {len(cases)} cases, {args.jobs} at a time", flush=True)
 
     def show(result: CaseResult) -> None:
-        lines = [case_line(result), *failure_lines(result)]
+        lines = [case_line(result), *failure_lines(result), *skip_lines(result)]
         if args.verbose and result.verdict.value in ("FAIL", "ERROR"):
             lines += [f"       | {line}" for line in result.log]
         print("\n".join(lines), flush=True)

@@ -109,6 +109,11 @@ def test_against_a_server_started_separately(tmp_path: Path) -> None:
         assert any(
             re.match(rf"(PASS|SKIP)\s+{re.escape(case.id)}\b.*\d+\.\d\ds$", x) for x in lines
         )
+    # Under each SKIP, the reason (what to give the suite).
+    for index, line in enumerate(lines):
+        if line.startswith("SKIP"):
+            assert lines[index + 1].startswith("       reason:      "), lines[index : index + 2]
+            assert "--token" in lines[index + 1]
 
 
 def test_no_target_checks_the_embedded_reference_server(tmp_path: Path) -> None:
