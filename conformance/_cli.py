@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ._runner import CaseResult
     from ._target import Target
 
-__all__ = ["add_conformance_command", "main"]
+__all__ = ["add_conformance_command", "main", "spec_file"]
 
 #: Settings of the embedded reference server (seconds).
 EMBEDDED_RETENTION = 2.0
@@ -137,12 +137,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--verbose", action="store_true", help="print each failed case's log as well")
 
 
+def spec_file(name: str) -> str:
+    """Where the installed copy of ``spec/NAME`` is (package data ``execstream.spec``)."""
+    from importlib.resources import files
+
+    try:
+        return str(files("execstream.spec").joinpath(name))
+    except ModuleNotFoundError:  # an editable install maps no data-only package: the source
+        return str(Path(__file__).resolve().parents[1] / "spec" / name)
+
+
 def add_conformance_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    protocol, proto = spec_file("PROTOCOL.md"), spec_file("exec.proto")
     p = sub.add_parser(
         "conformance",
         help="check a server against spec/PROTOCOL.md",
         description="Check an Exec server against spec/PROTOCOL.md, one case per clause. "
-        "Without --target, start the embedded reference server and check it.",
+        "Without --target, start the embedded reference server and check it.  The spec is "
+        f"installed with the package: {protocol} (the clauses) and {proto} (the wire "
+        "contract).",
     )
     add_arguments(p)
     p.set_defaults(run=_run)

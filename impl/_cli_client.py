@@ -80,7 +80,7 @@ exit status of run and attach (as docker exec):
        was lost (chunks the server could no longer keep; --allow-gaps accepts that)
   126  the command cannot be executed (not executable, a directory)
   127  the command was not found
-  130  interrupted before the exec started
+  130  interrupted (Ctrl-C in attach, or before the exec started)
 other commands exit 0, or 1 on failure; a usage error exits 2"""
 
 CLIENT_COMMANDS = ("run", "attach", "status", "events", "pause", "resume", "signal")
