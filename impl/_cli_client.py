@@ -47,6 +47,7 @@ from .client import (
     LifecycleEvent,
     NotFound,
     Output,
+    ServerShuttingDown,
     Status,
     Unauthenticated,
     Unavailable,
@@ -81,6 +82,7 @@ exit status of run and attach (as docker exec):
   126  the command cannot be executed (not executable, a directory)
   127  the command was not found
   130  interrupted (Ctrl-C in attach, or before the exec started)
+  143  ended by SIGTERM (129: SIGHUP); the terminal is restored, the exec keeps running
 other commands exit 0, or 1 on failure; a usage error exits 2"""
 
 CLIENT_COMMANDS = ("run", "attach", "status", "events", "pause", "resume", "signal")
@@ -251,12 +253,20 @@ class _Detached(Exception):
     """The user detached (detach keys, third Ctrl-C): the exec keeps running."""
 
 
+class _Terminated(Exception):
+    """We were sent SIGTERM or SIGHUP while the terminal was raw: restored, then leave."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def _explain(error: ExecStreamError, args: argparse.Namespace) -> str:
     """The one line for a failure, with the flag or variable that fixes it where known."""
     text = str(error)
     if isinstance(error, Unauthenticated):
         return f"{text} (give the server's token with --token or $EXECSTREAM_TOKEN)"
-    if isinstance(error, Unavailable):
+    if isinstance(error, Unavailable) and not isinstance(error, ServerShuttingDown):
         if "handshake" in text.lower() or "ssl" in text.lower():
             tls = "with --tls/--ca" if args.tls or args.ca else "without --tls"
             return (
@@ -303,6 +313,9 @@ def _command(
         except _Detached:
             _left_running(args, "detached")
             return 0
+        except _Terminated as ended:
+            _left_running(args, f"ended by {signal.Signals(ended.signum).name}")
+            return 128 + ended.signum
         except KeyboardInterrupt:
             _left_running(args, "interrupted")
             return INTERRUPTED
@@ -332,6 +345,13 @@ def _left_running(args: argparse.Namespace, how: str) -> None:
     """One line saying which exec was left and how to rejoin it (run and attach)."""
     started = getattr(args, "started", None)
     if started is None:
+        requested = getattr(args, "requested", None)
+        if requested is not None:  # interrupted before the server answered
+            container, exec_id, _ = requested
+            _complain(
+                f"{how} before exec {exec_id} in container {container} was confirmed; see: "
+                f"execstream status {container} {exec_id}"
+            )
         return
     container, exec_id, tty = started
     flags = "-it " if tty else ""
@@ -550,6 +570,7 @@ async def _run(args: argparse.Namespace) -> int:
     stdin_is_tty = _isatty(0)
     raw = args.tty and args.interactive and stdin_is_tty
     async with _connect(args) as client:
+        args.requested = (container, exec_id, args.tty)
         session = await client.run(
             container,
             exec_id,
@@ -629,6 +650,7 @@ async def _follow(
     background: set[asyncio.Task[None]] = set()
     handled: list[signal.Signals] = []
     detached = False
+    ended_by = 0
 
     def later(coroutine: Awaitable[object], what: str) -> None:
         async def guarded() -> None:
@@ -649,6 +671,12 @@ async def _follow(
     def detach() -> None:
         nonlocal detached
         detached = True
+        if main is not None:
+            main.cancel()
+
+    def terminate(signum: int) -> None:
+        nonlocal ended_by
+        ended_by = signum
         if main is not None:
             main.cancel()
 
@@ -676,7 +704,7 @@ async def _follow(
             if raw:
                 # The terminal is restored however we are ended.
                 for signum in (signal.SIGTERM, signal.SIGHUP):
-                    loop.add_signal_handler(signum, detach)
+                    loop.add_signal_handler(signum, terminate, signum)
                     handled.append(signum)
             if forward_stdin:
                 keys = detach_keys if raw else DetachKeys(b"")
@@ -695,6 +723,8 @@ async def _follow(
                 elif isinstance(event, Exit):
                     code = event.code
         except asyncio.CancelledError:
+            if ended_by:
+                raise _Terminated(ended_by) from None
             if detached:
                 raise _Detached from None
             raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -85,6 +86,36 @@ async def test_detach_keys_leave_the_exec_running_and_attach_it_rejoins(
         assert finish(child) == 4
 
     await in_thread(rejoin)
+
+
+def _child_of(pid: int) -> int:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            return int(stat.parent.name)
+    raise AssertionError(f"no child of {pid}")
+
+
+async def test_sigterm_restores_the_terminal_and_exits_143(server: ExecServer) -> None:
+    def run() -> None:
+        child = spawn(
+            server.address,
+            "stty -g; execstream run -it -- sh -c 'echo ready; sleep 30'; "
+            'echo "status $?"; stty -g',
+        )
+        child.expect(r"([0-9a-f:]+)\r\n")
+        before = child.match.group(1)
+        child.expect("ready")
+        os.kill(_child_of(child.pid), signal.SIGTERM)
+        child.expect(r"ended by SIGTERM: exec run-[0-9a-f]+ in container default keeps running")
+        child.expect(r"status 143\r\n([0-9a-f:]+)\r\n")
+        assert child.match.group(1) == before
+        assert finish(child) == 0
+
+    await in_thread(run)
 
 
 async def test_a_partial_detach_sequence_reaches_the_exec(server: ExecServer) -> None:
