@@ -23,6 +23,7 @@ import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
+import textwrap  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -211,9 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="execstream",
         usage="execstream [CONNECTION OPTIONS] COMMAND [OPTIONS] [ARGS]",
-        description="Stream container exec output over gRPC to any number of clients.  "
-        "The connection options (--target, --token, --tls, --ca, --cert, --key, --timeout, "
-        "--verbose; see 'execstream run --help') go before or after the command.",
+        description=textwrap.fill(
+            "Stream container exec output over gRPC to any number of clients.  The connection "
+            "options (--target, --token, --tls, --ca, --cert, --key, --timeout, --verbose; see "
+            "'execstream run --help') go before or after the command."
+        ),
         epilog=EXIT_STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

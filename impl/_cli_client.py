@@ -29,6 +29,7 @@ import os
 import re
 import signal
 import sys
+import textwrap
 import threading
 import traceback
 import uuid
@@ -452,8 +453,10 @@ def _add_run(sub: _SubParsers, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="run a command in a container and stream its output",
         usage="execstream run [OPTIONS] [CONTAINER] -- CMD [ARG...]",
-        description="Create an exec in CONTAINER running CMD, stream its stdout and stderr, "
-        "and exit with its exit code.  Example: execstream run demo -- sh -c 'echo hi; exit 3'",
+        description=textwrap.fill(
+            "Create an exec in CONTAINER running CMD, stream its stdout and stderr, and exit "
+            "with its exit code.  Example: execstream run demo -- sh -c 'echo hi; exit 3'"
+        ),
         epilog=EXIT_STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -505,9 +508,11 @@ def _add_attach(sub: _SubParsers, common: argparse.ArgumentParser) -> None:
         "attach",
         parents=[common],
         help="follow an existing exec's output; -it rejoins a terminal",
-        description="Replay an exec's retained output, follow it live, exit with its code.  "
-        "With -i, forward local stdin; with -t (the exec was started with -t), put the local "
-        "terminal in raw mode and make the exec's terminal follow its size.",
+        description=textwrap.fill(
+            "Replay an exec's retained output, follow it live, exit with its code.  With -i, "
+            "forward local stdin; with -t (the exec was started with -t), put the local "
+            "terminal in raw mode and make the exec's terminal follow its size."
+        ),
         epilog=EXIT_STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
