@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 from conformance_harness import (
+    MAX_EXECS_PER_CONTAINER,
     AbortWith,
     MangleProxy,
     SessionState,
@@ -153,7 +154,7 @@ class CountsExitedExecs(MangleProxy):
     """13.3: the per-container limit counts every retained exec, exited ones included, as
     the reference server did (it refused the 129th run within the retention period)."""
 
-    LIMIT = 128
+    LIMIT = MAX_EXECS_PER_CONTAINER
 
     def __init__(self, upstream: wire.ExecStub) -> None:
         super().__init__(upstream)
