@@ -865,7 +865,7 @@ def _add_events(sub: _SubParsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--exec-id", metavar="EXEC", help="only this exec's events (needs CONTAINER)")
     p.add_argument(
         "--from-sequence",
-        type=int,
+        type=_non_negative,
         default=None,
         metavar="N",
         help="first replay the retained events from N (0: the oldest; default: only new ones)",

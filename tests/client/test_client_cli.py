@@ -368,3 +368,12 @@ async def test_a_thousand_sequential_execs_in_one_container_succeed() -> None:
             assert await (await client.run("default", f"true-{n}", ["true"])).wait() == 0
         # The retained exits are all there (the bound is 1024): attach still works.
         assert await (await client.attach("default", "true-0")).wait() == 0
+
+
+@pytest.mark.parametrize("command", ["attach", "events"])
+async def test_a_negative_sequence_names_the_flag(server: ExecServer, command: str) -> None:
+    args = ["box", "there"] if command == "attach" else ["box"]
+    done = await cli(server.address, command, *args, "--from-sequence", "-1")
+    assert done.code == 2  # a usage error, as argparse's
+    last = done.stderr.decode().splitlines()[-1]
+    assert last.endswith("argument --from-sequence: must be >= 0, got -1"), done.stderr
