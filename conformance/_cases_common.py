@@ -621,6 +621,40 @@ async def refused_before_effect(ctx: CaseContext) -> None:
     expect(running.exit_code is None, "the exec still running", running.describe())
 
 
+# -- 13.3 Exited execs do not count ------------------------------------------------------------
+
+
+@case(
+    "13.3",
+    "exited-execs-do-not-count",
+    "one more exec than the per-container limit, run one after the other, all succeed",
+    timeout=180,
+    heavy=True,
+    needs=("max_execs_per_container",),
+)
+async def exited_execs_do_not_count(ctx: CaseContext) -> None:
+    limit = ctx.target.max_execs_per_container
+    if limit is None:
+        raise Skip("the target's execs-per-container limit is unknown (--max-execs-per-container)")
+    c = ctx.container_id()
+    # A few at a time, never near the limit: each starts only after an earlier one exited,
+    # so more than `limit` run in the container in all but far fewer at once.
+    at_once = max(1, min(8, limit // 2))
+    live = asyncio.Semaphore(at_once)
+
+    async def one(n: int) -> None:
+        async with live:
+            done = await ctx.run(c, ctx.exec_id(f"n{n}"), ["true"])
+        if done.code != grpc.StatusCode.OK or done.exit_code != 0:
+            raise Failure(
+                f"exec {n + 1} of {limit + 1} (at most {at_once} at a time, the others exited) "
+                "to run and exit 0",
+                done.describe(),
+            )
+
+    await gather_all(*(one(n) for n in range(limit + 1)))
+
+
 # -- 13.1 Limits ---------------------------------------------------------------------------
 
 

@@ -92,9 +92,11 @@ CLAUSES: dict[str, Clause] = {
         Clause("10.3", "Signal", _M),
         Clause("11.1", "Exited execs stay attachable", _M),
         Clause("11.2", "Cleanup", _M),
+        Clause("11.3", "Bounded retention", _Y),
         Clause("12.1", "Tokens", _M),
         Clause("13.1", "Limits are explicit", _M),
         Clause("13.2", "Shutdown", _S),
+        Clause("13.3", "Exited execs do not count", _M),
         Clause("14.1", "Error table", _M),
     )
 }
@@ -104,6 +106,7 @@ NOT_CHECKED: dict[str, str] = {
     "1.1": "defines the keywords; nothing to observe on the wire",
     "1.2": "defines terms; nothing to observe on the wire",
     "3.4": "client_id has no effect on the protocol (free-form, for logs)",
+    "11.3": "the bound is optional and the target's value unknown; 13.3 checks what matters",
     "13.2": "needs the target to shut down; the suite does not control the target's process",
 }
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ._runner import CaseResult
     from ._target import Target
 
-__all__ = ["add_conformance_command", "main"]
+__all__ = ["add_conformance_command", "main", "spec_file"]
 
 #: Settings of the embedded reference server (seconds).
 EMBEDDED_RETENTION = 2.0
@@ -106,6 +106,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="clients one exec accepts; 0 if unknown (default %(default)s)",
     )
+    settings.add_argument(
+        "--max-execs-per-container",
+        type=int,
+        default=128,
+        metavar="N",
+        help="execs one container runs at once; 0 if unknown (default %(default)s)",
+    )
     which = p.add_argument_group("which cases")
     which.add_argument(
         "--case",
@@ -141,12 +148,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--verbose", action="store_true", help="print each failed case's log as well")
 
 
+def spec_file(name: str) -> str:
+    """Where the installed copy of ``spec/NAME`` is (package data ``execstream.spec``)."""
+    from importlib.resources import files
+
+    try:
+        return str(files("execstream.spec").joinpath(name))
+    except ModuleNotFoundError:  # an editable install maps no data-only package: the source
+        return str(Path(__file__).resolve().parents[1] / "spec" / name)
+
+
 def add_conformance_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    protocol, proto = spec_file("PROTOCOL.md"), spec_file("exec.proto")
     p = sub.add_parser(
         "conformance",
         help="check a server against spec/PROTOCOL.md",
         description="Check an Exec server against spec/PROTOCOL.md, one case per clause. "
-        "Without --target, start the embedded reference server and check it.",
+        "Without --target, start the embedded reference server and check it.  The spec is "
+        f"installed with the package: {protocol} (the clauses) and {proto} (the wire "
+        "contract).",
     )
     add_arguments(p)
     p.set_defaults(run=_run)
@@ -204,6 +224,7 @@ def _target_from(args: argparse.Namespace, address: str, **overrides: Any) -> Ta
         ),
         "stdin_bytes": args.stdin_bytes,
         "max_clients_per_exec": args.max_clients_per_exec or None,
+        "max_execs_per_container": args.max_execs_per_container or None,
         "connect_timeout": args.connect_timeout,
     }
     fields.update(overrides)
@@ -234,6 +255,7 @@ async def _check(args: argparse.Namespace, case_ids: list[str]) -> int:
             max_output_bytes=limits.max_output_bytes,
             stdin_bytes=limits.stdin_bytes,
             max_clients_per_exec=limits.max_clients_per_exec,
+            max_execs_per_container=limits.max_execs_per_container,
         )
         print(f"embedded reference server on {server.address}", flush=True)
         return await _check_target(args, target, case_ids)
@@ -241,14 +263,22 @@ async def _check(args: argparse.Namespace, case_ids: list[str]) -> int:
 
 async def _check_target(args: argparse.Namespace, target: Target, case_ids: list[str]) -> int:
     from ._case import REGISTRY
-    from ._report import case_line, exit_status, failure_lines, json_report, junit_xml, summary
+    from ._report import (
+        case_line,
+        exit_status,
+        failure_lines,
+        json_report,
+        junit_xml,
+        skip_lines,
+        summary,
+    )
     from ._runner import run_suite
 
     cases = [REGISTRY[i] for i in case_ids]
     print(f"checking {target.describe()}: {len(cases)} cases, {args.jobs} at a time", flush=True)
 
     def show(result: CaseResult) -> None:
-        lines = [case_line(result), *failure_lines(result)]
+        lines = [case_line(result), *failure_lines(result), *skip_lines(result)]
         if args.verbose and result.verdict.value in ("FAIL", "ERROR"):
             lines += [f"       | {line}" for line in result.log]
         print("\n".join(lines), flush=True)

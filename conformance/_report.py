@@ -17,7 +17,15 @@ from ._clauses import CLAUSES, Level
 from ._runner import CaseResult, Verdict
 from ._target import Target
 
-__all__ = ["case_line", "exit_status", "failure_lines", "json_report", "junit_xml", "summary"]
+__all__ = [
+    "case_line",
+    "exit_status",
+    "failure_lines",
+    "json_report",
+    "junit_xml",
+    "skip_lines",
+    "summary",
+]
 
 
 def case_line(result: CaseResult, width: int = 56) -> str:
@@ -44,6 +52,13 @@ def failure_lines(result: CaseResult) -> list[str]:
             f"{' ' * 7}{result.message}"
         )
     return lines
+
+
+def skip_lines(result: CaseResult) -> list[str]:
+    """Under a SKIP line: why the case could not run against this target."""
+    if result.verdict is not Verdict.SKIP:
+        return []
+    return [f"       reason:      {result.message}"]
 
 
 def summary(results: Sequence[CaseResult]) -> str:

@@ -50,6 +50,8 @@ class Target:
     stdin_bytes: int = 1024 * 1024
     #: Clients one exec accepts (13.1); ``None``: unknown, the case skips.
     max_clients_per_exec: int | None = 64
+    #: Execs one container runs at once (13.3); ``None``: unknown, the case skips.
+    max_execs_per_container: int | None = 128
     #: Seconds to wait for the target to accept a connection before every case is an ERROR.
     connect_timeout: float = 10.0
 

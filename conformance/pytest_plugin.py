@@ -1,5 +1,6 @@
 """The pytest plugin (entry point ``execstream_conformance``): the suite in a user's own CI.
 
+    pip install 'execstream[pytest]'
     pytest --pyargs execstream.conformance --execstream-target HOST:PORT [--execstream-token T]
 
 runs every case as one pytest test (``execstream/conformance/test_conformance.py``,
@@ -10,9 +11,14 @@ target, a harness timeout — is raised as an error.  Without ``--execstream-tar
 tests skip with a reason saying so (the CLI, ``execstream conformance``, is the way to check
 the embedded reference server).
 
-Inert unless used: this module only adds command-line options; it imports nothing of the
-suite and changes neither collection nor behaviour of any test session — the tests exist only
-when pytest is pointed at the package.
+Cases not chosen by ``--execstream-case``, ``--execstream-exclude-case`` or
+``--execstream-level`` are deselected, not skipped.  The chosen ones run concurrently, as the
+CLI runs them (``--execstream-jobs``, default 6): the first test runs them all and each test
+then reports its own case's verdict, so a test's duration is not its case's.
+
+Inert unless used: this module adds command-line options and deselects only tests of the
+suite's own module; it imports nothing of the suite and changes neither collection nor
+behaviour of any other test.
 """
 
 from __future__ import annotations
@@ -25,7 +31,17 @@ import pytest
 if TYPE_CHECKING:
     from ._target import Target
 
-__all__ = ["pytest_addoption", "target_from_config"]
+__all__ = [
+    "SUITE_FILE",
+    "chosen",
+    "pytest_addoption",
+    "pytest_collection_modifyitems",
+    "session_case_ids",
+    "target_from_config",
+]
+
+#: The module whose tests are the suite's cases.
+SUITE_FILE = Path(__file__).resolve().with_name("test_conformance.py")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -64,6 +80,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=64,
         metavar="N",
         help="0 if unknown",
+    )
+    group.addoption(
+        "--execstream-max-execs-per-container",
+        type=int,
+        default=128,
+        metavar="N",
+        help="0 if unknown",
+    )
+    group.addoption(
+        "--execstream-connect-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up on an unreachable target after this long (default 10)",
+    )
+    group.addoption(
+        "--execstream-jobs",
+        type=int,
+        default=6,
+        metavar="N",
+        help="cases at once (default 6)",
     )
     group.addoption(
         "--execstream-level",
@@ -105,4 +142,50 @@ def target_from_config(config: pytest.Config) -> Target | None:
         max_output_bytes=int(config.getoption("--execstream-max-output-bytes")),
         stdin_bytes=int(config.getoption("--execstream-stdin-bytes")),
         max_clients_per_exec=int(config.getoption("--execstream-max-clients-per-exec")) or None,
+        max_execs_per_container=int(config.getoption("--execstream-max-execs-per-container"))
+        or None,
+        connect_timeout=float(config.getoption("--execstream-connect-timeout")),
     )
+
+
+def chosen(config: pytest.Config, case_ids: list[str]) -> set[str]:
+    """The IDs among ``case_ids`` that the case, exclude and level options select."""
+    from ._case import REGISTRY
+    from ._clauses import Level
+    from ._suite import select
+
+    level = Level.MUST if config.getoption("--execstream-level") == "must" else None
+    picked = select(
+        [REGISTRY[i] for i in case_ids],
+        include=config.getoption("--execstream-case"),
+        exclude=config.getoption("--execstream-exclude-case"),
+        level=level,
+    )
+    return {case.id for case in picked}
+
+
+def _case_id(item: pytest.Item) -> str | None:
+    module = getattr(item, "module", None)
+    # By file, not by name: pytest may import it as conformance.test_conformance.
+    if module is None or Path(getattr(module, "__file__", "") or "").resolve() != SUITE_FILE:
+        return None
+    callspec = getattr(item, "callspec", None)
+    return str(callspec.params["case_id"]) if callspec is not None else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the cases the options leave out (only the suite's own tests)."""
+    ours = {id(item): case_id for item in items if (case_id := _case_id(item)) is not None}
+    if not ours:
+        return
+    keep = chosen(config, list(ours.values()))
+    dropped = [item for item in items if ours.get(id(item)) not in (None, *keep)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        gone = {id(item) for item in dropped}
+        items[:] = [item for item in items if id(item) not in gone]
+
+
+def session_case_ids(session: pytest.Session) -> list[str]:
+    """The cases this session runs, after every deselection (``-k`` included)."""
+    return [case_id for item in session.items if (case_id := _case_id(item)) is not None]

@@ -2,20 +2,41 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import logging
 import os
-import signal
 import sys
-from collections.abc import Sequence
-from pathlib import Path
 
-from ._cli_client import add_client_commands
-from .server import ExecServer, Limits, ServerSettings
-from .server._log import MAX_CHUNK, MIN_OUTPUT_LIMIT
 
-__all__ = ["main"]
+def _quiet_grpc_core() -> None:
+    """gRPC's C core logs (``E1130 ... ssl_transport_security.cc``) go to stderr ahead of
+    our one-line errors; it reads GRPC_VERBOSITY once, when grpc is imported, so this runs
+    before that.  ``--verbose`` (or a GRPC_VERBOSITY of the user's) keeps them."""
+    if "GRPC_VERBOSITY" not in os.environ and not {"-v", "--verbose"} & set(sys.argv[1:]):
+        os.environ["GRPC_VERBOSITY"] = "NONE"
+        import grpc  # noqa: F401  (reads the variable now)
+
+        del os.environ["GRPC_VERBOSITY"]  # not inherited by what we start
+
+
+_quiet_grpc_core()
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+import signal  # noqa: E402
+import textwrap  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from ._cli_client import (  # noqa: E402
+    EXIT_STATUS_HELP,
+    add_client_commands,
+    add_global_options,
+    apply_global_options,
+)
+from .server import ExecServer, Limits, ServerSettings  # noqa: E402
+from .server._log import MAX_CHUNK, MIN_OUTPUT_LIMIT  # noqa: E402
+
+__all__ = ["build_parser", "main"]
 
 
 def _positive_int(text: str) -> int:
@@ -96,14 +117,42 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=30.0,
         help="seconds between retention sweeps (default %(default)s)",
     )
-    p.add_argument("--max-execs", type=_positive_int, default=defaults.max_execs)
     p.add_argument(
-        "--max-execs-per-container", type=_positive_int, default=defaults.max_execs_per_container
+        "--max-execs",
+        type=_positive_int,
+        default=defaults.max_execs,
+        metavar="N",
+        help="execs that have not exited, in all (default %(default)s)",
     )
     p.add_argument(
-        "--max-clients-per-exec", type=_positive_int, default=defaults.max_clients_per_exec
+        "--max-execs-per-container",
+        type=_positive_int,
+        default=defaults.max_execs_per_container,
+        metavar="N",
+        help="execs that have not exited, per container (default %(default)s)",
     )
-    p.add_argument("--max-subscribers", type=_positive_int, default=defaults.max_subscribers)
+    p.add_argument(
+        "--max-exited-execs",
+        type=_positive_int,
+        default=defaults.max_exited_execs,
+        metavar="N",
+        help="exited execs kept for attach; past it the earliest exits are removed before "
+        "their retention ends (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-clients-per-exec",
+        type=_positive_int,
+        default=defaults.max_clients_per_exec,
+        metavar="N",
+        help="clients attached to one exec at once (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-subscribers",
+        type=_positive_int,
+        default=defaults.max_subscribers,
+        metavar="N",
+        help="lifecycle event subscribers at once (default %(default)s)",
+    )
     p.add_argument(
         "--max-output-bytes",
         type=_output_limit,
@@ -143,7 +192,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=None,
         help="where containers and output copies live (default: a fresh temp dir)",
     )
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="server log on stderr: DEBUG, INFO, WARNING or ERROR (default %(default)s)",
+    )
     p.set_defaults(run=_serve)
 
 
@@ -151,6 +205,7 @@ async def _serve_async(args: argparse.Namespace) -> int:
     limits = Limits(
         max_execs=args.max_execs,
         max_execs_per_container=args.max_execs_per_container,
+        max_exited_execs=args.max_exited_execs,
         max_clients_per_exec=args.max_clients_per_exec,
         max_subscribers=args.max_subscribers,
         max_output_bytes=args.max_output_bytes,
@@ -195,7 +250,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("demo", help="start a server, run a command, attach two clients")
+    p = sub.add_parser(
+        "demo",
+        help="start a server, run a command, attach two clients",
+        description="Start a reference server on a free local port, run one exec, and show "
+        "two clients (one joining late) receiving the same output and exit code.",
+    )
     p.set_defaults(run=_demo)
 
 
@@ -205,19 +265,37 @@ def _demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``execstream`` parser and its subcommands."""
     parser = argparse.ArgumentParser(
         prog="execstream",
-        description="Stream container exec output over gRPC to any number of clients.",
+        usage="execstream [CONNECTION OPTIONS] COMMAND [OPTIONS] [ARGS]",
+        description=textwrap.fill(
+            "Stream container exec output over gRPC to any number of clients.  The connection "
+            "options (--target, --token, --tls, --ca, --cert, --key, --timeout, --verbose; see "
+            "'execstream run --help') go before or after the command."
+        ),
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_global_options(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, prog="execstream")
     _add_serve(sub)
     _add_demo(sub)
     from .conformance._cli import add_conformance_command
 
     add_conformance_command(sub)
     add_client_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        apply_global_options(args)
+    except ValueError as error:
+        parser.error(str(error))
     code: int = args.run(args)
     return code
 

@@ -93,6 +93,8 @@ class ExecClient:
         token: str | None = None,
         tls: bool = False,
         ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
         timeout: float | None = 30.0,
         keepalive_time: float | None = 30.0,
         keepalive_timeout: float = 10.0,
@@ -105,6 +107,8 @@ class ExecClient:
             token=token,
             tls=tls,
             ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
             timeout=timeout,
             keepalive_time=keepalive_time,
             keepalive_timeout=keepalive_timeout,
@@ -326,6 +330,14 @@ class SyncEventStream:
     def __init__(self, portal: _Portal, stream: EventStream) -> None:
         self._portal = portal
         self._stream = stream
+
+    @property
+    def container_id(self) -> str | None:
+        return self._stream.container_id
+
+    @property
+    def exec_id(self) -> str | None:
+        return self._stream.exec_id
 
     @property
     def last_sequence(self) -> int | None:

@@ -5,8 +5,10 @@ container exists while it has at least one exec (PROTOCOL 11.2).  Every change o
 state goes through :func:`_state.next_state` and is published as a lifecycle event in one
 server-wide :class:`EventLog` (PROTOCOL 8).  Clients attach to an exec's :class:`ExecLog`
 through a cursor; the registry counts them against the per-exec limit (PROTOCOL 13.1).
-Removal after retention is decided here (``expired``) and carried out by the caller's sweep;
-an exec's stored output goes with it.
+Removal after retention, or past the bound on retained exited execs, is decided here
+(``expired``, ``over_exited_bound``) and carried out by the caller; an exec's stored output
+goes with it.  Limits count only the execs that have not exited (PROTOCOL 13.3), so exited
+execs never block new ones.
 
 No asyncio or grpc imports; the clock and where output is stored are injected, so tests
 control time and can keep output in memory.
@@ -14,8 +16,10 @@ control time and can keep output in memory.
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -71,8 +75,11 @@ class SystemClock:
 class Limits:
     """Server settings that bound what clients can make the server hold (PROTOCOL 13.1)."""
 
+    #: Execs that have not exited (PROTOCOL 13.3: exited execs do not count).
     max_execs: int = 1024
     max_execs_per_container: int = 128
+    #: Exited execs retained in all; past it the oldest exit is removed (PROTOCOL 11.3).
+    max_exited_execs: int = 1024
     max_clients_per_exec: int = 64
     max_subscribers: int = 256
     #: PROTOCOL 6.5: output retained per exec, in storage (0: no limit).
@@ -88,6 +95,7 @@ class Limits:
         for name in (
             "max_execs",
             "max_execs_per_container",
+            "max_exited_execs",
             "max_clients_per_exec",
             "max_subscribers",
             "event_history",
@@ -241,7 +249,9 @@ class Registry:
         self.budget = StorageBudget(self.limits.max_stored_bytes)
         self.events = EventLog(self.limits.event_history)
         self._containers: dict[str, ContainerRecord] = {}
-        self._exec_count = 0
+        self._live_count = 0  # execs not exited (PROTOCOL 13.3)
+        # Exited execs in the order they exited, oldest first (PROTOCOL 11.3).
+        self._exited: OrderedDict[ExecRecord, None] = OrderedDict()
         self.subscribers = 0
 
     # -- lookup ---------------------------------------------------------------------------
@@ -293,17 +303,20 @@ class Registry:
                 ErrorCode.FAILED_PRECONDITION,
                 f"container {container_id!r} is paused: resume it before creating execs",
             )
-        if self._exec_count >= self.limits.max_execs:
+        if self._live_count >= self.limits.max_execs:
             raise ExecError(
                 ErrorCode.RESOURCE_EXHAUSTED,
-                f"the server holds {self._exec_count} execs, its limit (max_execs)",
+                f"the server runs {self._live_count} execs that have not exited, its limit "
+                "(max_execs)",
             )
-        if container is not None and len(container.execs) >= self.limits.max_execs_per_container:
-            raise ExecError(
-                ErrorCode.RESOURCE_EXHAUSTED,
-                f"container {container_id!r} holds {len(container.execs)} execs, the limit "
-                "(max_execs_per_container)",
-            )
+        if container is not None:
+            live = sum(1 for e in container.execs.values() if e.exited_at is None)
+            if live >= self.limits.max_execs_per_container:
+                raise ExecError(
+                    ErrorCode.RESOURCE_EXHAUSTED,
+                    f"container {container_id!r} runs {live} execs that have not exited, the "
+                    "limit (max_execs_per_container)",
+                )
         now = self.clock.wall_ns()
         if container is None:
             container = self._containers[container_id] = ContainerRecord(container_id)
@@ -317,7 +330,7 @@ class Registry:
         )
         record = ExecRecord(container, exec_id, tty=tty, log=log, registered_at_ns=now)
         container.execs[exec_id] = record
-        self._exec_count += 1
+        self._live_count += 1
         self.events.emit(now, container_id, exec_id, "registered", record.state.value)
         return record
 
@@ -336,6 +349,8 @@ class Registry:
         self._move(record, ExecEvent.EXIT)
         record.finished_at_ns = self.clock.wall_ns()
         record.exited_at = self.clock.monotonic()
+        self._live_count -= 1
+        self._exited[record] = None
         record.log.close(exit_code)
         self.events.emit(
             record.finished_at_ns,
@@ -354,7 +369,10 @@ class Registry:
             record.log.destroy()
         container = record.container
         del container.execs[record.exec_id]
-        self._exec_count -= 1
+        if record.exited_at is None:
+            self._live_count -= 1
+        else:
+            del self._exited[record]
         now = self.clock.wall_ns()
         self.events.emit(
             now, container.container_id, record.exec_id, "unregistered", record.state.value
@@ -410,6 +428,11 @@ class Registry:
             for record in self
             if record.exited_at is not None and now - record.exited_at >= retention
         ]
+
+    def over_exited_bound(self) -> list[ExecRecord]:
+        """PROTOCOL 11.3: the exited execs past ``max_exited_execs``, those that exited first."""
+        excess = len(self._exited) - self.limits.max_exited_execs
+        return list(itertools.islice(self._exited, excess)) if excess > 0 else []
 
     # -- clients --------------------------------------------------------------------------
 

@@ -64,7 +64,12 @@ class ServerSettings:
 
 
 class RetentionSweeper:
-    """PROTOCOL 11.2: every ``interval`` seconds, remove execs exited ``retention`` ago."""
+    """PROTOCOL 11.2: every ``interval`` seconds, remove execs exited ``retention`` ago.
+
+    PROTOCOL 11.3: past the registry's bound on retained exited execs, those that exited
+    first are removed as well, at once (soon after the exit that crossed the bound) rather
+    than at the next sweep.
+    """
 
     def __init__(
         self,
@@ -79,9 +84,13 @@ class RetentionSweeper:
         self.retention = retention
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweep_soon: asyncio.Handle | None = None
 
     def sweep(self) -> int:
+        self._sweep_soon = None
         expired = self._registry.expired(self.retention)
+        expired += [r for r in self._registry.over_exited_bound() if r not in expired]
         for record in expired:
             try:
                 self._remove(record)
@@ -94,12 +103,24 @@ class RetentionSweeper:
             await asyncio.sleep(self.interval)
             self.sweep()
 
+    def _on_event(self) -> None:
+        # Called inside the registry's transition: removal waits for the next loop turn.
+        loop = self._loop
+        if loop is not None and self._sweep_soon is None and self._registry.over_exited_bound():
+            self._sweep_soon = loop.call_soon(self.sweep)
+
     def start(self) -> None:
         if self._task is None:
+            self._loop = asyncio.get_running_loop()
+            self._registry.events.add_listener(self._on_event)
             self._task = asyncio.create_task(self._run(), name="execstream-retention-sweep")
 
     async def stop(self) -> None:
+        if self._sweep_soon is not None:
+            self._sweep_soon.cancel()
+            self._sweep_soon = None
         if self._task is not None:
+            self._registry.events.remove_listener(self._on_event)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task

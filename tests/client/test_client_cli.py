@@ -3,6 +3,7 @@ against a real reference server, some under a pseudo-terminal."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import fcntl
@@ -17,8 +18,9 @@ from dataclasses import dataclass
 import pytest
 from client_support import cli, cli_env, ids
 
+from execstream._cli import build_parser
 from execstream.client import AsyncExecClient
-from execstream.server import ExecServer
+from execstream.server import ExecServer, Limits
 from execstream.server.testing import serve
 
 
@@ -33,14 +35,14 @@ async def test_run_forwards_piped_stdin_env_and_workdir(
     done = await cli(
         server.address,
         "run",
-        "--container",
-        "box",
+        "-i",
         "--exec-id",
         "piped",
         "-e",
         "GREETING=hi",
         "-w",
         "/tmp",
+        "box",
         "--",
         "sh",
         "-c",
@@ -177,8 +179,12 @@ async def test_attach_status_and_events(server: ExecServer) -> None:
     assert set(status["resource_usage"]) >= {"cpu_percent", "memory_bytes"}
     table = await cli(server.address, "status", c)
     assert table.code == 0
-    rows = dict(line.split(None, 1) for line in table.stdout.decode().splitlines())
-    assert rows["STATE"] == "exited" and rows["CONTAINER"] == c
+    summary, execs = table.stdout.decode().split("\n\n")
+    rows = dict(line.split(None, 1) for line in summary.splitlines())
+    assert (rows["STATE"], rows["CONTAINER"], rows["EXECS"]) == ("exited", c, "1")
+    header, row = execs.splitlines()
+    assert header.split() == ["EXEC", "STATE", "EXIT", "STARTED", "FINISHED"]
+    assert row.split()[:3] == [e, "exited", "4"]
 
     events = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -221,7 +227,13 @@ async def test_control_commands(server: ExecServer) -> None:
         (("attach", "box", "nope"), 125, "execstream: not found: exec 'nope'"),
         (("status", "no-such-box"), 1, "execstream: not found: container 'no-such-box'"),
         (("signal", "box", "NOPE"), 1, "execstream: invalid argument: unknown signal"),
-        (("run", "--", "no-such-command-xyz"), 125, "execstream: invalid argument:"),
+        (("run", "--", "no-such-command-xyz"), 127, "execstream: invalid argument: command"),
+        (("run", "--", "/etc/passwd"), 126, "execstream: invalid argument: command"),
+        (("run", "--", "/"), 126, "execstream: invalid argument: command"),
+        (("run", "a", "b", "--", "true"), 125, "execstream: run: 'a b' before --"),
+        (("run", "--ca", "/missing.pem", "--", "true"), 125, "execstream: --ca /missing.pem:"),
+        (("attach", "box", "there", "--detach-keys", "ctrl-1"), 125, "execstream: --detach-keys"),
+        (("attach", "box", "there", "-t"), 125, "execstream: attach -t: exec there has no"),
         (("run",), 125, "execstream: run: give the command"),
         (("--target", "127.0.0.1:1", "status", "box"), 1, "execstream: unavailable:"),
     ],
@@ -232,12 +244,13 @@ async def test_failures_are_one_line_without_traceback(
     async with AsyncExecClient(server.address) as client:
         assert await (await client.run("box", "there", ["true"])).wait() == 0
     command = list(args)
-    if command[0] == "--target":  # a connection option, given after the subcommand
-        command = [command[2], *command[3:], "--target", command[1]]
-    done = await cli(server.address, *command)
-    assert done.code == expected_code
-    assert done.stderr.decode().startswith(message), done.stderr
-    assert done.stderr.count(b"\n") == 1 and b"Traceback" not in done.stderr
+    after = [command[2], *command[3:], "--target", command[1]] if command[0] == "--target" else []
+    for form in (command, after) if after else (command,):
+        # Connection options go before or after the subcommand.
+        done = await cli(server.address, *form)
+        assert done.code == expected_code, done.stderr
+        assert done.stderr.decode().startswith(message), done.stderr
+        assert done.stderr.count(b"\n") == 1 and b"Traceback" not in done.stderr
 
 
 async def test_token_option_and_environment() -> None:
@@ -245,7 +258,122 @@ async def test_token_option_and_environment() -> None:
         refused = await cli(server.address, "run", "--", "true")
         assert refused.code == 125
         assert refused.stderr.startswith(b"execstream: unauthenticated:")
+        assert b"--token or $EXECSTREAM_TOKEN" in refused.stderr
         by_flag = await cli(server.address, "run", "--token", "s3cret", "--", "true")
         assert by_flag.code == 0, by_flag.stderr
         by_env = await cli(server.address, "run", "--", "true", EXECSTREAM_TOKEN="s3cret")
         assert by_env.code == 0, by_env.stderr
+
+
+async def test_stdin_is_read_only_with_i(server: ExecServer) -> None:
+    """As docker: without -i, `run` leaves stdin to whoever comes next (a `while read` loop)."""
+    script = 'while read l; do execstream run -- echo "hi $l"; done'
+    env = cli_env(server.address)
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    proc = await asyncio.create_subprocess_exec(
+        "sh",
+        "-c",
+        script,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(b"a\nb\nc\n"), 120)
+    assert (proc.returncode, out, err) == (0, b"hi a\nhi b\nhi c\n", b"")
+
+
+async def test_run_d_prints_the_exec_id_and_returns(server: ExecServer) -> None:
+    started = await cli(server.address, "run", "-d", "box", "--", "sh", "-c", "sleep 1; exit 6")
+    assert started.code == 0, started.stderr
+    exec_id = started.stdout.decode().strip()
+    assert exec_id.startswith("run-") and started.stderr == b""
+    async with AsyncExecClient(server.address) as client:
+        assert (await client.status("box", exec_id)).state in ("running", "exited")
+    attached = await cli(server.address, "attach", "box", exec_id)
+    assert attached.code == 6
+    named = await cli(server.address, "run", "-d", "--exec-id", "mine", "--", "cat")
+    assert named.stdout == b"mine\n"
+    async with AsyncExecClient(server.address) as client:
+        assert await (await client.attach("default", "mine")).wait() == 0  # cat read EOF
+
+
+async def test_the_container_option_is_kept_as_an_alias(server: ExecServer) -> None:
+    done = await cli(server.address, "run", "--container", "old", "--exec-id", "x", "--", "true")
+    assert done.code == 0, done.stderr
+    async with AsyncExecClient(server.address) as client:
+        assert (await client.status("old", "x")).exit_code == 0
+
+
+async def test_lost_output_exits_125_unless_gaps_are_allowed() -> None:
+    limits = Limits(max_output_bytes=256 * 1024)
+    async with (
+        serve(limits=limits, retention=30) as server,
+        AsyncExecClient(server.address) as client,
+    ):
+        script = "head -c 4000000 /dev/zero; echo; exit 3"
+        assert await (await client.run("c", "loud", ["sh", "-c", script])).wait() == 3
+        strict = await cli(server.address, "attach", "c", "loud")
+        assert strict.code == 125
+        lines = strict.stderr.decode().splitlines()
+        assert len(lines) == 1 and "chunks of output were lost" in lines[0], lines
+        assert "--allow-gaps" in lines[0] and "exited 3" in lines[0]
+        allowed = await cli(server.address, "attach", "--allow-gaps", "c", "loud")
+        assert allowed.code == 3
+        assert allowed.stderr.decode().startswith("execstream: warning: ")
+
+
+async def test_grpc_core_logging_is_silenced_unless_verbose(server: ExecServer) -> None:
+    quiet = await cli(server.address, "--tls", "--timeout", "5", "status", "box")
+    assert quiet.code == 1
+    assert quiet.stderr.count(b"\n") == 1, quiet.stderr
+    assert quiet.stderr.startswith(b"execstream: unavailable: TLS handshake"), quiet.stderr
+    assert b"--tls" in quiet.stderr
+    loud = await cli(server.address, "--tls", "--timeout", "5", "--verbose", "status", "box")
+    assert loud.code == 1 and loud.stderr.count(b"\n") > 1, loud.stderr
+
+
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {"execstream": parser, **sub.choices}
+
+
+@pytest.mark.parametrize("name", list(_parsers()))
+def test_help_is_complete(name: str) -> None:
+    """Every command has a description, every option and positional a meaning."""
+    parser = _parsers()[name]
+    assert parser.description, name
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or isinstance(action, argparse._SubParsersAction):
+            continue
+        assert action.help, f"{name} {action.option_strings or action.dest}: no help"
+        # A value with a default says it; repeatable options (default []) start empty.
+        takes_value = action.nargs != 0 and action.default not in (None, [])
+        if action.option_strings and takes_value and action.default != argparse.SUPPRESS:
+            assert "default" in action.help, f"{name} {action.option_strings}: no default"
+
+
+def test_help_documents_the_exit_statuses() -> None:
+    for name in ("execstream", "run", "attach"):
+        text = _parsers()[name].format_help()
+        for code in ("125", "126", "127"):
+            assert code in text, (name, code)
+
+
+async def test_a_thousand_sequential_execs_in_one_container_succeed() -> None:
+    """PROTOCOL 13.3 with the default settings: exited execs never block new ones."""
+    async with serve() as server, AsyncExecClient(server.address) as client:
+        for n in range(1000):
+            assert await (await client.run("default", f"true-{n}", ["true"])).wait() == 0
+        # The retained exits are all there (the bound is 1024): attach still works.
+        assert await (await client.attach("default", "true-0")).wait() == 0
+
+
+@pytest.mark.parametrize("command", ["attach", "events"])
+async def test_a_negative_sequence_names_the_flag(server: ExecServer, command: str) -> None:
+    args = ["box", "there"] if command == "attach" else ["box"]
+    done = await cli(server.address, command, *args, "--from-sequence", "-1")
+    assert done.code == 2  # a usage error, as argparse's
+    last = done.stderr.decode().splitlines()[-1]
+    assert last.endswith("argument --from-sequence: must be >= 0, got -1"), done.stderr

@@ -28,6 +28,9 @@ from execstream.server.testing import serve
 TOKEN = "conformance-test-token"
 RETENTION = 2.0
 CLEANUP_INTERVAL = 0.5
+#: Below the reference server's 128, so that limits/13.3 (limit + 1 execs in one container)
+#: stays cheap in the ten-runs test; no case runs more than 5 execs in one container at once.
+MAX_EXECS_PER_CONTAINER = 16
 _OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 
 _Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -50,6 +53,7 @@ def target_for(address: str, token: str | None = TOKEN) -> Target:
         retention=RETENTION,
         cleanup_interval=CLEANUP_INTERVAL,
         max_output_bytes=OUTPUT_LIMIT,
+        max_execs_per_container=MAX_EXECS_PER_CONTAINER,
     )
 
 
@@ -63,7 +67,9 @@ async def reference(**settings: Any) -> AsyncIterator[Target]:
         "retention": RETENTION,
         "cleanup_interval": CLEANUP_INTERVAL,
         "token": TOKEN,
-        "limits": Limits(max_output_bytes=OUTPUT_LIMIT),
+        "limits": Limits(
+            max_output_bytes=OUTPUT_LIMIT, max_execs_per_container=MAX_EXECS_PER_CONTAINER
+        ),
     }
     config.update(settings)
     async with serve(**config) as server:

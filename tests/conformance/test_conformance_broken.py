@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 from conformance_harness import (
+    MAX_EXECS_PER_CONTAINER,
     AbortWith,
     MangleProxy,
     SessionState,
@@ -148,6 +149,30 @@ class WrongCodeForBadFirstMessage(MangleProxy):
     def first_request(self, state: SessionState, request: wire.SessionRequest) -> None:
         if request.start is None:
             raise AbortWith(grpc.StatusCode.FAILED_PRECONDITION, "start must come first")
+
+
+class CountsExitedExecs(MangleProxy):
+    """13.3: the per-container limit counts every retained exec, exited ones included, as
+    the reference server did (it refused the 129th run within the retention period)."""
+
+    LIMIT = MAX_EXECS_PER_CONTAINER
+
+    def __init__(self, upstream: wire.ExecStub) -> None:
+        super().__init__(upstream)
+        self.created: dict[str, int] = {}
+
+    def first_request(self, state: SessionState, request: wire.SessionRequest) -> None:
+        start = request.start
+        if start is None or not start.command:
+            return
+        held = self.created.get(start.container_id, 0)
+        if held >= self.LIMIT:
+            raise AbortWith(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"container {start.container_id!r} holds {held} execs, the limit "
+                "(max_execs_per_container)",
+            )
+        self.created[start.container_id] = held + 1
 
 
 class MicrosecondTimestamps(MangleProxy):
@@ -382,6 +407,13 @@ BROKEN = [
         ("session/6.7", "session/6.1/replay-from-sequence"),
         ("session/6.7/stalled-client-loses-nothing", "session/6.7/replay-after-exit-complete"),
         ("session/6.1/replay-from-sequence",),
+    ),
+    Broken(
+        "exited-execs-count-against-the-limit",
+        _proxy(CountsExitedExecs),
+        ("limits/13.3", "limits/13.1"),
+        ("limits/13.3/exited-execs-do-not-count",),
+        ("limits/13.1/clients-per-exec",),
     ),
     Broken(
         "new-subscriber-loses-the-first-live-event",

@@ -108,6 +108,11 @@ def test_against_a_server_started_separately(tmp_path: Path) -> None:
         assert any(
             re.match(rf"(PASS|SKIP)\s+{re.escape(case.id)}\b.*\d+\.\d\ds$", x) for x in lines
         )
+    # Under each SKIP, the reason (what to give the suite).
+    for index, line in enumerate(lines):
+        if line.startswith("SKIP"):
+            assert lines[index + 1].startswith("       reason:      "), lines[index : index + 2]
+            assert "--token" in lines[index + 1]
 
 
 def test_no_target_checks_the_embedded_reference_server(tmp_path: Path) -> None:
@@ -242,7 +247,20 @@ def test_pytest_plugin_runs_the_cases_against_a_target(tmp_path: Path) -> None:
         )  # fmt: skip
     chosen = [c for c in CASES if c.id.startswith(("session/5.1/", "auth/"))]
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-2000:]
-    assert f"{len(chosen)} passed, {len(CASES) - len(chosen)} skipped" in done.stdout
+    assert f"{len(chosen)} passed, {len(CASES) - len(chosen)} deselected" in done.stdout
+
+
+def test_pytest_plugin_errors_only_the_selected_cases_when_unreachable(tmp_path: Path) -> None:
+    done = _pytest(
+        "--pyargs", "execstream.conformance", "-q",
+        "--execstream-target", "127.0.0.1:1", "--execstream-connect-timeout", "0.5",
+        "--execstream-case", "session/5.1",
+        cwd=tmp_path,
+    )  # fmt: skip
+    chosen = [c for c in CASES if c.id.startswith("session/5.1/")]
+    assert done.returncode == 1, done.stdout[-3000:]
+    assert f"{len(CASES) - len(chosen)} deselected, {len(chosen)} errors" in done.stdout
+    assert "HarnessError" in done.stdout and "127.0.0.1:1" in done.stdout
 
 
 def test_pytest_plugin_without_a_target_skips_saying_why(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 from sessions import attach
 
 from execstream import wire
-from execstream.server import ExecAttachable, Executor, Registry
+from execstream.server import ExecAttachable, Executor, Limits, Registry
 
 pytestmark = pytest.mark.asyncio
 
@@ -51,3 +51,25 @@ async def test_engine_fed_exec_reaches_every_client_and_is_swept() -> None:
     finally:
         await attachable.close()
         await server.stop(None)
+
+
+async def test_exits_past_the_bound_are_removed_oldest_first_without_waiting_for_a_sweep() -> None:
+    """PROTOCOL 11.3 and 13.3: exited execs never block new ones, and their number is bounded."""
+    registry = Registry(Limits(max_execs_per_container=1, max_exited_execs=2))
+    attachable = ExecAttachable(Executor(registry), retention=300, cleanup_interval=300)
+    await attachable.start()
+    try:
+        for n in range(5):
+            handle = attachable.executor.register("c", f"e{n}")  # one live exec at a time
+            handle.started()
+            handle.exit(0)
+        deadline = asyncio.get_running_loop().time() + 5
+        while [r.exec_id for r in registry] != ["e3", "e4"]:
+            assert asyncio.get_running_loop().time() < deadline, list(registry)
+            await asyncio.sleep(0.01)
+        removed = [
+            e.exec_id for e in registry.events.read(0).items if e.event_type == "unregistered"
+        ]
+        assert removed == ["e0", "e1", "e2"]
+    finally:
+        await attachable.close()

@@ -313,6 +313,50 @@ def test_max_execs_per_container(clock: FakeClock) -> None:
     registry.register("c2", "e3")  # other containers are unaffected
 
 
+def test_exited_execs_do_not_count_against_limits(clock: FakeClock) -> None:
+    """PROTOCOL 13.3: a container can run execs one after the other without end."""
+    registry = Registry(Limits(max_execs=3, max_execs_per_container=2), clock)
+    for n in range(50):
+        record = running(registry, "c1", f"e{n}")
+        registry.mark_exited(record, 0)
+    assert len(registry.container("c1").execs) == 50  # all retained (PROTOCOL 11.1)
+    running(registry, "c1", "live1")
+    running(registry, "c1", "live2")
+    with expect_error(ErrorCode.RESOURCE_EXHAUSTED, "max_execs_per_container", "2 execs"):
+        registry.register("c1", "live3")
+    running(registry, "c2", "live3")
+    with expect_error(ErrorCode.RESOURCE_EXHAUSTED, "max_execs"):
+        registry.register("c3", "live4")
+    # A pending exec counts too; one exiting frees its place.
+    registry.mark_exited(registry.get("c1", "live1"), 0)
+    registry.register("c1", "pending")
+    with expect_error(ErrorCode.RESOURCE_EXHAUSTED, "max_execs"):
+        registry.register("c3", "live4")
+
+
+def test_removing_a_pending_exec_frees_its_place(clock: FakeClock) -> None:
+    registry = Registry(Limits(max_execs=1), clock)
+    registry.remove(registry.register("c1", "e1"))  # a spawn that failed
+    registry.register("c1", "e2")
+
+
+def test_over_exited_bound_lists_the_earliest_exits_first(clock: FakeClock) -> None:
+    """PROTOCOL 11.3: past the bound, the execs that exited first go, not the first registered."""
+    registry = Registry(Limits(max_exited_execs=2), clock)
+    records = [running(registry, "c1", f"e{n}") for n in range(4)]
+    live = running(registry, "c2", "live")
+    for n in (2, 0, 3):
+        registry.mark_exited(records[n], 0)
+    assert registry.over_exited_bound() == [records[2]]
+    registry.mark_exited(records[1], 0)
+    assert registry.over_exited_bound() == [records[2], records[0]]
+    registry.remove(records[2])
+    assert registry.over_exited_bound() == [records[0]]
+    registry.remove(records[0])
+    assert registry.over_exited_bound() == []
+    assert live.state is ExecState.RUNNING  # never evicted
+
+
 def test_max_clients_per_exec(clock: FakeClock) -> None:
     registry = Registry(Limits(max_clients_per_exec=2), clock)
     record = registry.register("c1", "e1")
