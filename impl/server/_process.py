@@ -145,6 +145,75 @@ except OSError as exc:
 """
 
 
+# Run before the command when the server's own signal state would leak into execs: ignored
+# dispositions and the blocked mask survive exec(2); handled ones are reset by the kernel.
+_CLEAN_SIGNALS_TRAMPOLINE = """\
+import os, signal, sys
+for signum in signal.valid_signals():
+    if signum not in (signal.SIGKILL, signal.SIGSTOP):
+        try:
+            signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+signal.pthread_sigmask(signal.SIG_SETMASK, ())
+try:
+    os.execvp(sys.argv[1], sys.argv[1:])
+except OSError as exc:
+    sys.stderr.write(f"cannot execute {sys.argv[1]!r}: {exc.strerror}\\n")
+    os._exit(127)
+"""
+
+# Failures of the server's own resources while spawning, not of the request.
+_OUT_OF_RESOURCES = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC, errno.EAGAIN}
+)
+
+# Popen(restore_signals=True) already resets these, which Python itself ignores.
+_RESTORED_BY_POPEN = frozenset(
+    getattr(signal, name) for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ") if hasattr(signal, name)
+)
+
+
+def _clean_signals_prefix() -> tuple[str, ...]:
+    """The argv prefix that gives the exec default dispositions for every signal and an
+    empty signal mask, or ``()`` when this thread and process already give it that: the
+    server may have been started under ``nohup`` or with signals blocked."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    ignored = [
+        signum
+        for signum in signal.valid_signals()
+        if signum not in _RESTORED_BY_POPEN and signal.getsignal(signum) == signal.SIG_IGN
+    ]
+    if not blocked and not ignored:
+        return ()
+    return (sys.executable, "-I", "-S", "-c", _CLEAN_SIGNALS_TRAMPOLINE)
+
+
+def end_leftovers(token: str) -> int:
+    """Kill every process a runtime that died without ``close`` left behind (its
+    :attr:`ProcessRuntime.token`), found by the ``EXECSTREAM_TAG`` it gave them and by its
+    freezer groups; returns how many processes were killed.  For a restart after a crash:
+    nothing outlives its container, even when its server did not."""
+    killed: set[int] = set()
+    prefix = f"{token}."
+    for _ in range(_SIGNAL_ROUNDS):  # they may fork while being killed
+        fresh = [
+            pid
+            for pid, st in _scan_proc().items()
+            if st.alive and pid not in killed and (_read_tag(pid) or "").startswith(prefix)
+        ]
+        if not fresh:
+            break
+        for pid in fresh:
+            _send(pid, signal.SIGKILL)
+        killed.update(fresh)
+    mount = _cgroup_mount("freezer")
+    if mount is not None and (mount / "execstream" / token).is_dir():
+        with contextlib.suppress(OSError):
+            _remove_stale_groups(mount / "execstream")
+    return len(killed)
+
+
 class OutputSink(Protocol):
     def write(self, data: bytes) -> None:
         """Take one read of output; called on the event loop thread, must not block."""
@@ -1002,6 +1071,11 @@ class ProcessRuntime:
         self._closed = False
 
     @property
+    def token(self) -> str:
+        """Marks this runtime's execs (``EXECSTREAM_TAG``); :func:`end_leftovers` takes it."""
+        return self._token
+
+    @property
     def pause_method(self) -> str:
         """``"freezer"`` (cgroup v1) or ``"signals"`` (SIGSTOP/SIGCONT)."""
         self._set_up_once()
@@ -1038,6 +1112,16 @@ class ProcessRuntime:
         directory.mkdir(parents=True, exist_ok=True)
         try:
             proc = self._start(loop, container_id, exec_id, spec, stdout, stderr, directory)
+        except (OSError, ValueError) as exc:
+            # PROTOCOL 3.2: a name the system refuses (ENAMETOOLONG, ELOOP, EACCES, ...) is
+            # the request's fault, never an internal error.
+            if not self._has_execs(container_id):
+                shutil.rmtree(directory, ignore_errors=True)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            code = ErrorCode.INVALID_ARGUMENT
+            if isinstance(exc, OSError) and exc.errno in _OUT_OF_RESOURCES:
+                code = ErrorCode.RESOURCE_EXHAUSTED  # PROTOCOL 13.1: the server ran out
+            raise ExecError(code, f"cannot start {spec.command[0][:200]!r}: {reason}") from exc
         except BaseException:
             if not self._has_execs(container_id):
                 shutil.rmtree(directory, ignore_errors=True)
@@ -1170,7 +1254,7 @@ class ProcessRuntime:
         env.update(spec.env)
         env.update({ENV_CONTAINER: container_id, ENV_EXEC: exec_id, ENV_TAG: tag})
         _check_command(spec.command[0], env.get("PATH", ""), cwd)
-        argv = list(spec.command)
+        argv = [*_clean_signals_prefix(), *spec.command]
         parent_fds: list[int] = []
         child_fds: list[int] = []
         group: Path | None = None
