@@ -11,8 +11,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import __version__
 from ._cli_client import add_client_commands
-from .server import ExecServer, Limits, ServerSettings
+from .server import BindError, ExecServer, Limits, ServerSettings, SettingError
 
 __all__ = ["main"]
 
@@ -87,6 +88,43 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=None,
         help="where containers and output copies live (default: a fresh temp dir)",
     )
+    tls = p.add_argument_group("TLS")
+    tls.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate chain (PEM)")
+    tls.add_argument("--tls-key", type=Path, help="the private key of --tls-cert (PEM)")
+    tls.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="require client certificates signed by this CA (PEM): mutual TLS",
+    )
+    p.add_argument(
+        "--no-health",
+        dest="health",
+        action="store_false",
+        help="do not serve grpc.health.v1.Health",
+    )
+    p.add_argument(
+        "--no-reflection",
+        dest="reflection",
+        action="store_false",
+        help="do not serve gRPC server reflection (v1, v1alpha)",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+    )
+    p.add_argument(
+        "--keepalive-time",
+        type=_positive_float,
+        default=ServerSettings().keepalive_time,
+        help="seconds of silence before the server pings a client (default %(default)s)",
+    )
+    p.add_argument(
+        "--keepalive-timeout",
+        type=_positive_float,
+        default=ServerSettings().keepalive_timeout,
+        help="seconds a client has to answer a ping before it is dropped (default %(default)s)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(run=_serve)
 
@@ -107,6 +145,14 @@ async def _serve_async(args: argparse.Namespace) -> int:
         cleanup_interval=args.cleanup_interval,
         limits=limits,
         state_dir=args.state_dir,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        health=args.health,
+        reflection=args.reflection,
+        metrics_listen=args.metrics_listen,
+        keepalive_time=args.keepalive_time,
+        keepalive_timeout=args.keepalive_timeout,
     )
     server = ExecServer(settings)
     stop = asyncio.Event()
@@ -114,6 +160,8 @@ async def _serve_async(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     address = await server.start()
+    if server.metrics_address:
+        print(f"metrics on http://{server.metrics_address}/metrics", file=sys.stderr, flush=True)
     print(f"listening on {address}", flush=True)
     try:
         await stop.wait()
@@ -131,9 +179,14 @@ def _serve(args: argparse.Namespace) -> int:
     )
     try:
         return asyncio.run(_serve_async(args))
+    except (SettingError, BindError) as error:
+        # ServerSettings field ``x_y`` (or ``limits.x_y``) is the flag ``--x-y``.
+        flag = "--" + error.setting.rpartition(".")[2].replace("_", "-")
+        print(f"execstream serve: {flag}: {error.problem}", file=sys.stderr)
+        return 2 if isinstance(error, SettingError) else 1
     except (OSError, ValueError) as error:
         print(f"execstream serve: {error}", file=sys.stderr)
-        return 2
+        return 1
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -152,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="execstream",
         description="Stream container exec output over gRPC to any number of clients.",
     )
+    parser.add_argument("--version", action="version", version=f"execstream {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_serve(sub)
     _add_demo(sub)
