@@ -91,6 +91,10 @@ def _connection_options() -> argparse.ArgumentParser:
     group.add_argument("--tls", action="store_true", help="connect with TLS")
     group.add_argument("--ca", metavar="FILE", help="PEM file of the CA to trust (implies --tls)")
     group.add_argument(
+        "--cert", metavar="FILE", help="client certificate for mutual TLS (PEM; with --key)"
+    )
+    group.add_argument("--key", metavar="FILE", help="private key of --cert (PEM)")
+    group.add_argument(
         "--timeout",
         type=float,
         default=30.0,
@@ -106,6 +110,8 @@ def _connect(args: argparse.Namespace) -> AsyncExecClient:
         token=args.token or None,
         tls=args.tls,
         ca_file=args.ca,
+        cert_file=args.cert,
+        key_file=args.key,
         timeout=args.timeout,
         client_id="execstream-cli",
     )

@@ -38,8 +38,10 @@ class AsyncExecClient:
 
     ``target`` is ``HOST:PORT`` or ``unix:PATH``.  ``token`` is sent as ``authorization:
     Bearer <token>`` on every call.  ``tls`` (implied by ``ca_file``) uses TLS with the
-    system's roots or the PEM file ``ca_file``.  ``timeout`` (seconds) bounds each unary
-    call unless the call passes its own; streams have no deadline unless given one.
+    system's roots or the PEM file ``ca_file``; ``cert_file`` and ``key_file`` (PEM, implying
+    TLS) present a client certificate to a server that requires one (mTLS).  ``timeout``
+    (seconds) bounds each unary call unless the call passes its own; streams have no
+    deadline unless given one.
     ``keepalive_time`` (None: off) and ``keepalive_timeout`` make a dead server noticed while
     a call is open.  ``retry`` bounds how a broken stream is resumed.  Use ``async with``,
     or call :meth:`aclose`; the channel is opened on first use in the running loop.
@@ -52,6 +54,8 @@ class AsyncExecClient:
         token: str | None = None,
         tls: bool = False,
         ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
         timeout: float | None = 30.0,
         keepalive_time: float | None = 30.0,
         keepalive_timeout: float = 10.0,
@@ -64,6 +68,8 @@ class AsyncExecClient:
             token=token,
             tls=tls,
             ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
             timeout=timeout,
             keepalive_time=keepalive_time,
             keepalive_timeout=keepalive_timeout,

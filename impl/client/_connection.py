@@ -65,6 +65,8 @@ class Connection:
         token: str | None,
         tls: bool,
         ca_file: str | Path | None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
         timeout: float | None,
         keepalive_time: float | None,
         keepalive_timeout: float,
@@ -83,9 +85,15 @@ class Connection:
         )
         # Read now, so that a missing CA file fails at construction and not at the first call.
         self._credentials: grpc.ChannelCredentials | None = None
-        if tls or ca_file is not None:
+        if (cert_file is None) != (key_file is None):
+            raise ValueError("a client certificate needs both cert_file and key_file")
+        if tls or ca_file is not None or cert_file is not None:
             roots = Path(ca_file).read_bytes() if ca_file is not None else None
-            self._credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+            chain = Path(cert_file).read_bytes() if cert_file is not None else None
+            key = Path(key_file).read_bytes() if key_file is not None else None
+            self._credentials = grpc.ssl_channel_credentials(
+                root_certificates=roots, private_key=key, certificate_chain=chain
+            )
         self._options = [*_keepalive(keepalive_time, keepalive_timeout), *_reconnect(retry)]
         self._options.extend(options)
         self._channel: grpc.aio.Channel | None = None

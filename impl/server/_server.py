@@ -76,6 +76,32 @@ class BindError(OSError):
         self.problem = problem
 
 
+class _ClientGone(logging.Filter):
+    """grpc.aio logs ``ERROR ... ExecuteBatchError raised in core by servicer method`` with a
+    traceback when a client cancels or disconnects while a handler writes to it.  That is a
+    client leaving (PROTOCOL 3.5), not a server fault: logged at DEBUG, without traceback."""
+
+    PREFIX = "ExecuteBatchError raised in core by servicer method"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if not text.startswith(self.PREFIX):
+            return True
+        method = text.removeprefix(self.PREFIX).strip(" []") or "?"
+        record.msg, record.args = "client went away during %s", (method,)
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info = record.exc_text = None
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+_CLIENT_GONE = _ClientGone()
+
+
+def quiet_client_cancels() -> None:
+    """Install the filter on grpc's logger (process-wide, idempotent)."""
+    logging.getLogger("grpc._cython.cygrpc").addFilter(_CLIENT_GONE)
+
+
 @dataclass(frozen=True, slots=True)
 class ListenAddress:
     """``HOST:PORT`` (``host``, ``port``) or ``unix:PATH`` (``unix_path``)."""
@@ -370,6 +396,7 @@ class ExecAttachable:
         return receive_options(self.registry.limits)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
+        quiet_client_cancels()
         wire.add_ExecServicer_to_server(self.service, server)
 
     def add_standard_services(
@@ -460,15 +487,22 @@ class ExecServer:
         if listen.unix_path is not None:
             path = listen.unix_path
             _claim_unix_path(path)
+            # gRPC unlinks its socket path at bind and at shutdown, whatever is there by
+            # then: it binds a private name, which is renamed into place (atomically) and
+            # which is all it can remove later.
+            private = os.path.join(
+                os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.bind"
+            )
             old = os.umask(0o177)  # the socket is created owner-only, never wider
             try:
-                self._bind(server, f"unix:{path}", credentials)
+                self._bind(server, f"unix:{private}", credentials)
                 await server.start()
             finally:
                 os.umask(old)
-            os.chmod(path, 0o600)
-            info = os.stat(path)
+            os.chmod(private, 0o600)
+            info = os.stat(private)
             self._socket_id = (info.st_dev, info.st_ino)
+            os.rename(private, path)
             self.address = f"unix:{path}"
         else:
             if listen.port != 0 and (why := _why_unbindable(listen)) is not None:
