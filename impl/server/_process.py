@@ -189,6 +189,21 @@ def _clean_signals_prefix() -> tuple[str, ...]:
     return (sys.executable, "-I", "-S", "-c", _CLEAN_SIGNALS_TRAMPOLINE)
 
 
+@contextlib.contextmanager
+def _blocked_for_child(block: bool) -> Iterator[None]:
+    """Fork with every signal blocked, so that a signal sent before the trampoline reset the
+    dispositions stays pending instead of being ignored (Linux never ignores a blocked
+    signal); the trampoline unblocks them once they have their default action."""
+    if not block:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def end_leftovers(token: str) -> int:
     """Kill every process a runtime that died without ``close`` left behind (its
     :attr:`ProcessRuntime.token`), found by the ``EXECSTREAM_TAG`` it gave them and by its
@@ -1254,7 +1269,8 @@ class ProcessRuntime:
         env.update(spec.env)
         env.update({ENV_CONTAINER: container_id, ENV_EXEC: exec_id, ENV_TAG: tag})
         _check_command(spec.command[0], env.get("PATH", ""), cwd)
-        argv = [*_clean_signals_prefix(), *spec.command]
+        clean_signals = _clean_signals_prefix()
+        argv = [*clean_signals, *spec.command]
         parent_fds: list[int] = []
         child_fds: list[int] = []
         group: Path | None = None
@@ -1287,7 +1303,7 @@ class ProcessRuntime:
             if self._freezer is not None:
                 group = self._freezer.new_group()
             birth = self._freezer.born_in(group) if self._freezer and group else None
-            with birth or contextlib.nullcontext():
+            with birth or contextlib.nullcontext(), _blocked_for_child(bool(clean_signals)):
                 try:
                     popen = subprocess.Popen(
                         argv,
