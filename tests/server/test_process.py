@@ -798,8 +798,25 @@ async def test_execs_start_with_default_signals_and_an_empty_mask(
     assert _signal_state(run.stdout.text.replace("\r\n", "\n")) == {"SigIgn": 0, "SigBlk": 0}
 
 
-async def test_clean_server_signal_state_needs_no_trampoline() -> None:
-    assert _process._clean_signals_prefix() == ()
+def test_clean_server_signal_state_needs_no_trampoline() -> None:
+    # Started with `&` from a script, this process itself ignores SIGINT and SIGQUIT.
+    ignored = [
+        signum
+        for signum in signal.valid_signals()
+        if signum not in _process._RESTORED_BY_POPEN and signal.getsignal(signum) == signal.SIG_IGN
+    ]
+    mask = signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    try:
+        for signum in ignored:
+            signal.signal(signum, signal.SIG_DFL)
+        assert _process._clean_signals_prefix() == ()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        assert _process._clean_signals_prefix() != ()
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    finally:
+        for signum in ignored:
+            signal.signal(signum, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 @pytest.mark.parametrize(
