@@ -1191,7 +1191,9 @@ class ProcessRuntime:
             fresh = [p for ps in found.values() for p in ps if stats[p].alive and p not in sent]
             if not fresh:
                 break
-            for pid in fresh:
+            # Oldest first, so parents before children: a shell whose job died first could
+            # otherwise exit on its own before its signal arrives (exit 0, not 128 + N).
+            for pid in sorted(fresh, key=lambda pid: (stats[pid].start_ticks, pid)):
                 _send(pid, signum)
             sent.update(fresh)
         if signum == signal.SIGKILL and self._freezer is not None:
