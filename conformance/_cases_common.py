@@ -555,6 +555,22 @@ async def wrong_token(ctx: CaseContext) -> None:
 
 
 @case(
+    "12.2",
+    "one-authorization-header",
+    "every RPC with two authorization entries fails with UNAUTHENTICATED, even both right",
+    row="any: token configured, and more than one `authorization` entry",
+    status="UNAUTHENTICATED",
+    needs=("token",),
+)
+async def one_authorization_header(ctx: CaseContext) -> None:
+    token = _token(ctx)
+    right = ("authorization", f"Bearer {token}")
+    await _expect_refused(ctx, (right, right), "with the right token twice")
+    wrong = ("authorization", "Bearer not-the-token")
+    await _expect_refused(ctx, (wrong, right), "with a wrong and a right token")
+
+
+@case(
     "12.1",
     "basic-with-any-user",
     "the token is accepted as Basic base64(user:token) with any user, as published clients do",

@@ -380,6 +380,20 @@ async def term_runs_trap(ctx: CaseContext) -> None:
 
 
 @case(
+    "10.4",
+    "default-dispositions",
+    "an exec that does not handle HUP is ended by it (exit code 129)",
+)
+async def default_dispositions(ctx: CaseContext) -> None:
+    c, e = ctx.container_id(), ctx.exec_id()
+    client = await _running(ctx, c, e, w.sh("echo up; exec sleep 30"))
+    await client.until_output(b"up\n")
+    expect_done(await ctx.signal(c, "HUP", e), "ContainerSignal HUP")
+    await client.completed()
+    expect_equal(client.exit_code, 129, "exit code after HUP")
+
+
+@case(
     "10.3",
     "signal-names",
     "every listed signal name is accepted with or without SIG, in any case",

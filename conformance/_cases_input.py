@@ -128,6 +128,24 @@ async def stdin_over_limit(ctx: CaseContext) -> None:
 
 
 @case(
+    "7.4",
+    "stdin-at-limit",
+    "a stdin message of exactly the stdin limit is accepted, even above gRPC's 4 MiB",
+)
+async def stdin_at_limit(ctx: CaseContext) -> None:
+    c, e = ctx.container_id(), ctx.exec_id()
+    limit = ctx.target.stdin_bytes
+    creator = await ctx.create(c, e, ["cat"])
+    await creator.until_ready()
+    await creator.stdin(b"x" * limit)
+    await creator.stdin(b"")
+    await creator.completed()
+    expect_flow(creator)
+    expect_equal(len(creator.stdout), limit, "bytes the process read and echoed")
+    expect_equal(creator.exit_code, 0, "exit code")
+
+
+@case(
     "7.3",
     "resize-reaches-process",
     "a TTY starts at 80x24 and a resize gives the process SIGWINCH and the new size",

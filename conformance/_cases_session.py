@@ -279,6 +279,33 @@ async def attach_unknown(ctx: CaseContext) -> None:
     )
 
 
+ROW_REFUSED_NAME = "Session: a name the system refuses (too long, a link loop, permission denied)"
+
+
+@case(
+    "3.7",
+    "name-too-long",
+    "a command or working_dir longer than the system allows fails with INVALID_ARGUMENT",
+    row=ROW_REFUSED_NAME,
+    status="INVALID_ARGUMENT",
+)
+async def name_too_long(ctx: CaseContext) -> None:
+    c = ctx.container_id()
+    long_name = "x" * 300  # over NAME_MAX (255) of every common file system
+    long_path = "/" + "/".join(["d" * 250] * 20)  # over PATH_MAX (4096)
+    for label, command, working_dir in (
+        ("command name", [long_name], ""),
+        ("command path", [long_path], ""),
+        ("working_dir", ["true"], long_name),
+    ):
+        e = ctx.exec_id()
+        refused = await ctx.create(
+            c, e, command, half_close=True, working_dir=working_dir, label=label
+        )
+        await expect_rejected(ctx, refused, INVALID_ARGUMENT, f"a {label} too long")
+        expect_flow(await ctx.run(c, e, ["true"]))  # 3.2: the exec was not created
+
+
 @case(
     "3.2",
     "attach-ignores-create-fields",

@@ -65,6 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     target.add_argument("--tls", action="store_true", help="connect with TLS")
     target.add_argument("--ca", type=Path, metavar="FILE", help="CA certificates for --tls (PEM)")
     target.add_argument(
+        "--cert", type=Path, metavar="FILE", help="client certificate for mTLS (PEM; with --key)"
+    )
+    target.add_argument("--key", type=Path, metavar="FILE", help="private key of --cert (PEM)")
+    target.add_argument(
         "--connect-timeout",
         type=_positive_float,
         default=10.0,
@@ -179,6 +183,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.ca is not None and not args.tls:
         print("execstream conformance: --ca needs --tls", file=sys.stderr)
         return 2
+    if (args.cert is None) != (args.key is None) or (args.cert is not None and not args.tls):
+        print("execstream conformance: --cert and --key go together, with --tls", file=sys.stderr)
+        return 2
     if args.target is None and args.tls:
         print("execstream conformance: --tls needs --target", file=sys.stderr)
         return 2
@@ -217,6 +224,8 @@ def _target_from(args: argparse.Namespace, address: str, **overrides: Any) -> Ta
         "token": args.token or None,
         "tls": args.tls,
         "ca": args.ca,
+        "cert": args.cert,
+        "key": args.key,
         "retention": args.retention,
         "cleanup_interval": args.cleanup_interval,
         "max_output_bytes": (

@@ -40,6 +40,9 @@ class Target:
     token: str | None = None
     tls: bool = False
     ca: Path | None = None
+    #: A client certificate and its key (PEM), for a target that requires one (mTLS).
+    cert: Path | None = None
+    key: Path | None = None
     #: Seconds an exited exec stays attachable (11.1); ``None``: unknown, the cases skip.
     retention: float | None = None
     #: Seconds between retention sweeps (11.2); ``None``: unknown, the cases skip.
@@ -58,6 +61,8 @@ class Target:
     def __post_init__(self) -> None:
         if not self.address:
             raise ValueError("the target address is empty")
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate needs both cert and key")
         if 0 < self.max_output_bytes < MIN_OUTPUT_LIMIT:
             raise ValueError("the suite needs an output limit of at least 1 MiB per exec, or none")
 
@@ -75,7 +80,11 @@ class Target:
         """A new channel to the target (each case opens its own, so cases stay apart)."""
         if self.tls:
             root = self.ca.read_bytes() if self.ca is not None else None
-            credentials = grpc.ssl_channel_credentials(root_certificates=root)
+            chain = self.cert.read_bytes() if self.cert is not None else None
+            key = self.key.read_bytes() if self.key is not None else None
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=root, private_key=key, certificate_chain=chain
+            )
             return grpc.aio.secure_channel(self.address, credentials, options=CHANNEL_OPTIONS)
         return grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
 

@@ -54,6 +54,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--execstream-token", metavar="TOKEN", help="the target's token")
     group.addoption("--execstream-tls", action="store_true", help="connect with TLS")
     group.addoption("--execstream-ca", metavar="FILE", help="CA certificates for TLS (PEM)")
+    group.addoption("--execstream-cert", metavar="FILE", help="client certificate (mTLS, PEM)")
+    group.addoption("--execstream-key", metavar="FILE", help="private key of the client cert")
     group.addoption(
         "--execstream-retention",
         type=float,
@@ -137,6 +139,8 @@ def target_from_config(config: pytest.Config) -> Target | None:
         token=config.getoption("--execstream-token") or None,
         tls=bool(config.getoption("--execstream-tls")),
         ca=Path(ca) if ca else None,
+        cert=Path(cert) if (cert := config.getoption("--execstream-cert")) else None,
+        key=Path(key) if (key := config.getoption("--execstream-key")) else None,
         retention=config.getoption("--execstream-retention"),
         cleanup_interval=config.getoption("--execstream-cleanup-interval"),
         max_output_bytes=int(config.getoption("--execstream-max-output-bytes")),

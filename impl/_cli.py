@@ -27,14 +27,14 @@ import textwrap  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from . import __version__  # noqa: E402
 from ._cli_client import (  # noqa: E402
     EXIT_STATUS_HELP,
     add_client_commands,
     add_global_options,
     apply_global_options,
 )
-from .server import ExecServer, Limits, ServerSettings  # noqa: E402
-from .server._log import MAX_CHUNK, MIN_OUTPUT_LIMIT  # noqa: E402
+from .server import BindError, ExecServer, Limits, ServerSettings, SettingError  # noqa: E402
 
 __all__ = ["build_parser", "main"]
 
@@ -60,24 +60,6 @@ def _bytes(text: str) -> int:
     if unit not in _UNITS or not number.strip().isdigit():
         raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 1048576, 64MiB)")
     return int(number) * _UNITS[unit]
-
-
-def _output_limit(text: str) -> int:
-    value = _bytes(text)
-    if 0 < value < MIN_OUTPUT_LIMIT:
-        raise argparse.ArgumentTypeError(
-            f"must be 0 (no limit) or at least {MIN_OUTPUT_LIMIT} bytes, got {text}"
-        )
-    return value
-
-
-def _cache_size(text: str) -> int:
-    value = _bytes(text)
-    if value < MAX_CHUNK:
-        raise argparse.ArgumentTypeError(
-            f"must be at least {MAX_CHUNK} bytes (one chunk), got {text}"
-        )
-    return value
 
 
 def _positive_float(text: str) -> float:
@@ -155,7 +137,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument(
         "--max-output-bytes",
-        type=_output_limit,
+        type=_bytes,
         default=defaults.max_output_bytes,
         metavar="SIZE",
         help="output retained per exec, on disk, for slow and late clients; past it the "
@@ -166,7 +148,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--memory-cache-bytes",
         "--history-bytes",  # its name before output was retained on disk
         dest="memory_cache_bytes",
-        type=_cache_size,
+        type=_bytes,
         default=defaults.memory_cache_bytes,
         metavar="SIZE",
         help="newest output of each running exec also kept in memory: a cache, clients "
@@ -174,7 +156,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument(
         "--max-stored-bytes",
-        type=_output_limit,
+        type=_bytes,
         default=defaults.max_stored_bytes,
         metavar="SIZE",
         help="cap on the output stored for all execs together; past it the oldest output "
@@ -191,6 +173,45 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=Path,
         default=None,
         help="where containers and output copies live (default: a fresh temp dir)",
+    )
+    tls = p.add_argument_group("TLS")
+    tls.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate chain (PEM)")
+    tls.add_argument("--tls-key", type=Path, help="the private key of --tls-cert (PEM)")
+    tls.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="require client certificates signed by this CA (PEM): mutual TLS",
+    )
+    p.add_argument(
+        "--no-health",
+        dest="health",
+        action="store_false",
+        help="do not serve grpc.health.v1.Health (default: served)",
+    )
+    p.add_argument(
+        "--no-reflection",
+        dest="reflection",
+        action="store_false",
+        help="do not serve gRPC server reflection, v1 and v1alpha (default: served)",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+    )
+    p.add_argument(
+        "--keepalive-time",
+        type=_positive_float,
+        default=ServerSettings().keepalive_time,
+        metavar="S",
+        help="seconds of silence before the server pings a client (default %(default)s)",
+    )
+    p.add_argument(
+        "--keepalive-timeout",
+        type=_positive_float,
+        default=ServerSettings().keepalive_timeout,
+        metavar="S",
+        help="seconds a client has to answer a ping before it is dropped (default %(default)s)",
     )
     p.add_argument(
         "--log-level",
@@ -220,6 +241,14 @@ async def _serve_async(args: argparse.Namespace) -> int:
         cleanup_interval=args.cleanup_interval,
         limits=limits,
         state_dir=args.state_dir,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        health=args.health,
+        reflection=args.reflection,
+        metrics_listen=args.metrics_listen,
+        keepalive_time=args.keepalive_time,
+        keepalive_timeout=args.keepalive_timeout,
     )
     server = ExecServer(settings)
     stop = asyncio.Event()
@@ -227,6 +256,8 @@ async def _serve_async(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     address = await server.start()
+    if server.metrics_address:
+        print(f"metrics on http://{server.metrics_address}/metrics", file=sys.stderr, flush=True)
     print(f"listening on {address}", flush=True)
     try:
         await stop.wait()
@@ -244,9 +275,14 @@ def _serve(args: argparse.Namespace) -> int:
     )
     try:
         return asyncio.run(_serve_async(args))
+    except (SettingError, BindError) as error:
+        # ServerSettings field ``x_y`` (or ``limits.x_y``) is the flag ``--x-y``.
+        flag = "--" + error.setting.rpartition(".")[2].replace("_", "-")
+        print(f"execstream serve: {flag}: {error.problem}", file=sys.stderr)
+        return 2 if isinstance(error, SettingError) else 1
     except (OSError, ValueError) as error:
         print(f"execstream serve: {error}", file=sys.stderr)
-        return 2
+        return 1
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -279,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_global_options(parser)
+    parser.add_argument("--version", action="version", version=f"execstream {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, prog="execstream")
     _add_serve(sub)
     _add_demo(sub)

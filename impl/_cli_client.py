@@ -162,7 +162,10 @@ def _connection_options(default: Any = None) -> argparse.ArgumentParser:
         help="PEM client certificate, with --key (implies --tls; default: none)",
     )
     group.add_argument(
-        "--key", metavar="FILE", default=given(None), help="PEM private key of --cert"
+        "--key",
+        metavar="FILE",
+        default=given(None),
+        help="PEM private key of --cert, for mutual TLS (default: none)",
     )
     group.add_argument(
         "--timeout",

@@ -17,6 +17,7 @@ tox.ini), and is only ever run at development time.
 from __future__ import annotations
 
 import argparse
+import base64
 import difflib
 import os
 import shutil
@@ -475,6 +476,30 @@ def _package_init(proto: FileDescriptorProto) -> str:
     )
 
 
+def _descriptor_module(proto: FileDescriptorProto) -> str:
+    """The compiled descriptor, for server reflection (grpcurl without the .proto file)."""
+    plain = FileDescriptorProto()
+    plain.CopyFrom(proto)
+    plain.ClearField("source_code_info")
+    encoded = base64.b64encode(plain.SerializeToString(deterministic=True)).decode()
+    lines = [
+        HEADER,
+        "",
+        '"""The serialized ``FileDescriptorProto`` of spec/exec.proto (for server reflection)."""',
+        "",
+        "import base64",
+        "",
+        '__all__ = ["FILE_DESCRIPTOR", "FILE_NAME"]',
+        "",
+        f"FILE_NAME = {proto.name!r}",
+        "FILE_DESCRIPTOR: bytes = base64.b64decode(",
+        *(f'    "{encoded[i : i + 88]}"' for i in range(0, len(encoded), 88)),
+        ")",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def generate(dest: Path) -> None:
     """Write the whole package into the empty directory ``dest``."""
     # betterproto2-compiler runs ``ruff`` by name: make this interpreter's scripts findable.
@@ -488,6 +513,7 @@ def generate(dest: Path) -> None:
         "--python_betterproto2_opt=client_generation=none",
     )
     (dest / "_service.py").write_text(_service_module(proto))
+    (dest / "_descriptor.py").write_text(_descriptor_module(proto))
     (dest / "__init__.py").write_text(_package_init(proto))
     (dest / "py.typed").write_text("")
     ruff = [sys.executable, "-m", "ruff"]

@@ -38,9 +38,10 @@ class AsyncExecClient:
 
     ``target`` is ``HOST:PORT`` or ``unix:PATH``.  ``token`` is sent as ``authorization:
     Bearer <token>`` on every call.  ``tls`` (implied by ``ca_file``) uses TLS with the
-    system's roots or the PEM file ``ca_file``; ``cert_file`` and ``key_file`` (PEM, both or
-    neither; they imply TLS) present a client certificate.  ``timeout`` (seconds) bounds each unary
-    call unless the call passes its own; streams have no deadline unless given one.
+    system's roots or the PEM file ``ca_file``; ``cert_file`` and ``key_file`` (PEM, implying
+    TLS) present a client certificate to a server that requires one (mTLS).  ``timeout``
+    (seconds) bounds each unary call unless the call passes its own; streams have no
+    deadline unless given one.
     ``keepalive_time`` (None: off) and ``keepalive_timeout`` make a dead server noticed while
     a call is open.  ``retry`` bounds how a broken stream is resumed.  Use ``async with``,
     or call :meth:`aclose`; the channel is opened on first use in the running loop.

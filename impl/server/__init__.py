@@ -8,6 +8,7 @@ hand execs over with ``attachable.executor.register(...)`` (see :class:`Executor
 from ._errors import ErrorCode, ExecError
 from ._executor import ExecHandle, Executor, TeeWriter
 from ._log import MAX_CHUNK, Chunk, Cursor, ExecLog, Read, SequencedLog, StorageBudget, Stream
+from ._metrics import ServerMetrics
 from ._process import ExecSpec, ProcessExec, ProcessRuntime, ResourceSample
 from ._registry import (
     ContainerRecord,
@@ -19,14 +20,25 @@ from ._registry import (
     Registry,
 )
 from ._runner import ProcessRunner
-from ._server import ExecAttachable, ExecServer, RetentionSweeper, ServerSettings
+from ._server import (
+    BindError,
+    ExecAttachable,
+    ExecServer,
+    ListenAddress,
+    RetentionSweeper,
+    ServerSettings,
+    SettingError,
+    receive_options,
+)
 from ._service import STATUS_OF, ExecService, parse_signal
 from ._state import ExecEvent, ExecState, IllegalTransition
+from ._state_dir import StateDirInUse
 from ._storage import ChunkStorage, DirectoryArea, MemoryArea, StorageArea
 
 __all__ = [
     "MAX_CHUNK",
     "STATUS_OF",
+    "BindError",
     "Chunk",
     "ChunkStorage",
     "ContainerRecord",
@@ -49,6 +61,7 @@ __all__ = [
     "IllegalTransition",
     "LifecycleEvent",
     "Limits",
+    "ListenAddress",
     "MemoryArea",
     "ProcessExec",
     "ProcessRunner",
@@ -58,10 +71,14 @@ __all__ = [
     "ResourceSample",
     "RetentionSweeper",
     "SequencedLog",
+    "ServerMetrics",
     "ServerSettings",
+    "SettingError",
+    "StateDirInUse",
     "StorageArea",
     "StorageBudget",
     "Stream",
     "TeeWriter",
     "parse_signal",
+    "receive_options",
 ]

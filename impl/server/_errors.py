@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["ErrorCode", "ExecError"]
+__all__ = ["ErrorCode", "ExecError", "SettingError"]
 
 
 class ErrorCode(enum.Enum):
@@ -38,3 +38,13 @@ class ExecError(Exception):
 
     def __repr__(self) -> str:
         return f"ExecError({self.code.name}, {self.message!r})"
+
+
+class SettingError(ValueError):
+    """A server setting that cannot work; ``setting`` names it (``listen``, ``tls_cert``,
+    ``limits.stdin_bytes``), and the message says why.  Raised before anything is bound."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting}: {problem}")
+        self.setting = setting
+        self.problem = problem

@@ -145,6 +145,90 @@ except OSError as exc:
 """
 
 
+# Run before the command when the server's own signal state would leak into execs: ignored
+# dispositions and the blocked mask survive exec(2); handled ones are reset by the kernel.
+_CLEAN_SIGNALS_TRAMPOLINE = """\
+import os, signal, sys
+for signum in signal.valid_signals():
+    if signum not in (signal.SIGKILL, signal.SIGSTOP):
+        try:
+            signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+signal.pthread_sigmask(signal.SIG_SETMASK, ())
+try:
+    os.execvp(sys.argv[1], sys.argv[1:])
+except OSError as exc:
+    sys.stderr.write(f"cannot execute {sys.argv[1]!r}: {exc.strerror}\\n")
+    os._exit(127)
+"""
+
+# Failures of the server's own resources while spawning, not of the request.
+_OUT_OF_RESOURCES = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC, errno.EAGAIN}
+)
+
+# Popen(restore_signals=True) already resets these, which Python itself ignores.
+_RESTORED_BY_POPEN = frozenset(
+    getattr(signal, name) for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ") if hasattr(signal, name)
+)
+
+
+def _clean_signals_prefix() -> tuple[str, ...]:
+    """The argv prefix that gives the exec default dispositions for every signal and an
+    empty signal mask, or ``()`` when this thread and process already give it that: the
+    server may have been started under ``nohup`` or with signals blocked."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    ignored = [
+        signum
+        for signum in signal.valid_signals()
+        if signum not in _RESTORED_BY_POPEN and signal.getsignal(signum) == signal.SIG_IGN
+    ]
+    if not blocked and not ignored:
+        return ()
+    return (sys.executable, "-I", "-S", "-c", _CLEAN_SIGNALS_TRAMPOLINE)
+
+
+@contextlib.contextmanager
+def _blocked_for_child(block: bool) -> Iterator[None]:
+    """Fork with every signal blocked, so that a signal sent before the trampoline reset the
+    dispositions stays pending instead of being ignored (Linux never ignores a blocked
+    signal); the trampoline unblocks them once they have their default action."""
+    if not block:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def end_leftovers(token: str) -> int:
+    """Kill every process a runtime that died without ``close`` left behind (its
+    :attr:`ProcessRuntime.token`), found by the ``EXECSTREAM_TAG`` it gave them and by its
+    freezer groups; returns how many processes were killed.  For a restart after a crash:
+    nothing outlives its container, even when its server did not."""
+    killed: set[int] = set()
+    prefix = f"{token}."
+    for _ in range(_SIGNAL_ROUNDS):  # they may fork while being killed
+        fresh = [
+            pid
+            for pid, st in _scan_proc().items()
+            if st.alive and pid not in killed and (_read_tag(pid) or "").startswith(prefix)
+        ]
+        if not fresh:
+            break
+        for pid in fresh:
+            _send(pid, signal.SIGKILL)
+        killed.update(fresh)
+    mount = _cgroup_mount("freezer")
+    if mount is not None and (mount / "execstream" / token).is_dir():
+        with contextlib.suppress(OSError):
+            _remove_stale_groups(mount / "execstream")
+    return len(killed)
+
+
 class OutputSink(Protocol):
     def write(self, data: bytes) -> None:
         """Take one read of output; called on the event loop thread, must not block."""
@@ -1002,6 +1086,11 @@ class ProcessRuntime:
         self._closed = False
 
     @property
+    def token(self) -> str:
+        """Marks this runtime's execs (``EXECSTREAM_TAG``); :func:`end_leftovers` takes it."""
+        return self._token
+
+    @property
     def pause_method(self) -> str:
         """``"freezer"`` (cgroup v1) or ``"signals"`` (SIGSTOP/SIGCONT)."""
         self._set_up_once()
@@ -1038,6 +1127,16 @@ class ProcessRuntime:
         directory.mkdir(parents=True, exist_ok=True)
         try:
             proc = self._start(loop, container_id, exec_id, spec, stdout, stderr, directory)
+        except (OSError, ValueError) as exc:
+            # PROTOCOL 3.2: a name the system refuses (ENAMETOOLONG, ELOOP, EACCES, ...) is
+            # the request's fault, never an internal error.
+            if not self._has_execs(container_id):
+                shutil.rmtree(directory, ignore_errors=True)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            code = ErrorCode.INVALID_ARGUMENT
+            if isinstance(exc, OSError) and exc.errno in _OUT_OF_RESOURCES:
+                code = ErrorCode.RESOURCE_EXHAUSTED  # PROTOCOL 13.1: the server ran out
+            raise ExecError(code, f"cannot start {spec.command[0][:200]!r}: {reason}") from exc
         except BaseException:
             if not self._has_execs(container_id):
                 shutil.rmtree(directory, ignore_errors=True)
@@ -1092,7 +1191,9 @@ class ProcessRuntime:
             fresh = [p for ps in found.values() for p in ps if stats[p].alive and p not in sent]
             if not fresh:
                 break
-            for pid in fresh:
+            # Oldest first, so parents before children: a shell whose job died first could
+            # otherwise exit on its own before its signal arrives (exit 0, not 128 + N).
+            for pid in sorted(fresh, key=lambda pid: (stats[pid].start_ticks, pid)):
                 _send(pid, signum)
             sent.update(fresh)
         if signum == signal.SIGKILL and self._freezer is not None:
@@ -1170,7 +1271,8 @@ class ProcessRuntime:
         env.update(spec.env)
         env.update({ENV_CONTAINER: container_id, ENV_EXEC: exec_id, ENV_TAG: tag})
         _check_command(spec.command[0], env.get("PATH", ""), cwd)
-        argv = list(spec.command)
+        clean_signals = _clean_signals_prefix()
+        argv = [*clean_signals, *spec.command]
         parent_fds: list[int] = []
         child_fds: list[int] = []
         group: Path | None = None
@@ -1203,7 +1305,7 @@ class ProcessRuntime:
             if self._freezer is not None:
                 group = self._freezer.new_group()
             birth = self._freezer.born_in(group) if self._freezer and group else None
-            with birth or contextlib.nullcontext():
+            with birth or contextlib.nullcontext(), _blocked_for_child(bool(clean_signals)):
                 try:
                     popen = subprocess.Popen(
                         argv,

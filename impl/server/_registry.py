@@ -24,8 +24,8 @@ from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from ._errors import ErrorCode, ExecError
-from ._log import MIN_OUTPUT_LIMIT, Chunk, Cursor, ExecLog, SequencedLog, StorageBudget
+from ._errors import ErrorCode, ExecError, SettingError
+from ._log import MAX_CHUNK, MIN_OUTPUT_LIMIT, Chunk, Cursor, ExecLog, SequencedLog, StorageBudget
 from ._state import ExecEvent, ExecState, next_state
 from ._storage import DirectoryArea, StorageArea
 
@@ -102,17 +102,18 @@ class Limits:
             "stdin_bytes",
         ):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.memory_cache_bytes < 64 * 1024:
-            raise ValueError(
-                f"memory_cache_bytes must be at least 65536 (one chunk), got "
-                f"{self.memory_cache_bytes}"
+                raise SettingError(f"limits.{name}", f"must be > 0, got {getattr(self, name)}")
+        if self.memory_cache_bytes < MAX_CHUNK:  # PROTOCOL 6.4: the newest chunk is kept
+            raise SettingError(
+                "limits.memory_cache_bytes",
+                f"must be at least {MAX_CHUNK} bytes (one chunk), got {self.memory_cache_bytes}",
             )
         for name in ("max_output_bytes", "max_stored_bytes"):
             value = getattr(self, name)
             if value < 0 or 0 < value < MIN_OUTPUT_LIMIT:
-                raise ValueError(
-                    f"{name} must be 0 (no limit) or at least {MIN_OUTPUT_LIMIT}, got {value}"
+                raise SettingError(
+                    f"limits.{name}",
+                    f"must be 0 (no limit) or at least {MIN_OUTPUT_LIMIT} bytes, got {value}",
                 )
 
 

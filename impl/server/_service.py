@@ -17,7 +17,8 @@ import itertools
 import logging
 import os
 import signal as signal_module
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
 import betterproto2
@@ -28,6 +29,7 @@ from execstream import wire
 
 from ._errors import ErrorCode, ExecError
 from ._log import MAX_CHUNK, Chunk, Cursor, Stream
+from ._metrics import ServerMetrics
 from ._registry import ExecRecord, LifecycleEvent, Registry, validate_id
 from ._runner import ProcessRunner
 from ._state import ExecState
@@ -78,10 +80,16 @@ class ExecService:
     """Implements :class:`execstream.wire.ExecServicer`."""
 
     def __init__(
-        self, registry: Registry, runner: ProcessRunner | None, *, token: str | None = None
+        self,
+        registry: Registry,
+        runner: ProcessRunner | None,
+        *,
+        token: str | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.registry = registry
         self.runner = runner
+        self.metrics = metrics or ServerMetrics(registry)
         self._token = token.encode() if token else None
         self._session_ids = itertools.count(1)
         self._session_prefix = os.urandom(4).hex()
@@ -101,9 +109,13 @@ class ExecService:
         if self._token is None:
             return
         offered = b""
-        for key, value in context.invocation_metadata() or ():
-            if key != "authorization":
-                continue
+        headers = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
+        if len(headers) > 1:  # PROTOCOL 12.2: which one counts would be anybody's guess
+            raise ExecError(
+                ErrorCode.UNAUTHENTICATED,
+                f"{len(headers)} authorization headers: send exactly one",
+            )
+        for value in headers:
             text = value.decode(errors="replace") if isinstance(value, bytes) else value
             scheme, _, credential = text.strip().partition(" ")
             if scheme.lower() == "bearer":
@@ -124,16 +136,33 @@ class ExecService:
         self._authorize(context)
         self._check_live()
 
-    async def _unary(self, context: _Ctx, call: Callable[[], Awaitable[_R]]) -> _R:
+    async def _unary(self, method: str, context: _Ctx, call: Callable[[], Awaitable[_R]]) -> _R:
+        with self._observed(method) as outcome:
+            try:
+                self._admit(context)
+                return await call()
+            except ExecError as error:
+                failure = error
+            except Exception:
+                log.exception("internal error in %s", method)
+                failure = _INTERNAL
+            outcome.append(STATUS_OF[failure.code].name)
+            await _abort(context, failure)
+
+    @contextlib.contextmanager
+    def _observed(self, method: str) -> Iterator[list[str]]:
+        """Count the RPC and its duration once it ends; the body appends its status code
+        (none appended: OK, or CANCELLED when the client went away)."""
+        outcome: list[str] = []
+        started = time.monotonic()
         try:
-            self._admit(context)
-            return await call()
-        except ExecError as error:
-            failure = error
-        except Exception:
-            log.exception("internal error")
-            failure = _INTERNAL
-        await _abort(context, failure)
+            yield outcome
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome.append("CANCELLED")
+            raise
+        finally:
+            code = outcome[0] if outcome else "OK"
+            self.metrics.rpc(method, code, time.monotonic() - started)
 
     def _check_live(self) -> None:
         """PROTOCOL 13.2."""
@@ -149,25 +178,27 @@ class ExecService:
     ) -> AsyncIterator[wire.SessionResponse]:
         record: ExecRecord | None = None
         failure: ExecError | None = None
-        try:
-            self._admit(context)
-            start = await self._first_start(request_iterator)
-            record, cursor = await self._open(start)
-            session_id = start.session_id or f"{self._session_prefix}-{next(self._session_ids)}"
-            async for response in self._stream(record, cursor, session_id, request_iterator):
-                yield response
-        except ExecError as error:
-            failure = error
-        except wire.MalformedMessage as error:  # PROTOCOL 2.5
-            failure = ExecError(ErrorCode.INVALID_ARGUMENT, str(error))
-        except Exception:
-            log.exception("internal error in Session")
-            failure = _INTERNAL
-        finally:
-            if record is not None:
-                self.registry.detach(record)
-        if failure is not None:
-            await _abort(context, failure)
+        with self._observed("Session") as outcome:
+            try:
+                self._admit(context)
+                start = await self._first_start(request_iterator)
+                record, cursor = await self._open(start)
+                session_id = start.session_id or f"{self._session_prefix}-{next(self._session_ids)}"
+                async for response in self._stream(record, cursor, session_id, request_iterator):
+                    yield response
+            except ExecError as error:
+                failure = error
+            except wire.MalformedMessage as error:  # PROTOCOL 2.5
+                failure = ExecError(ErrorCode.INVALID_ARGUMENT, str(error))
+            except Exception:
+                log.exception("internal error in Session")
+                failure = _INTERNAL
+            finally:
+                if record is not None:
+                    self.registry.detach(record)
+            if failure is not None:
+                outcome.append(STATUS_OF[failure.code].name)
+                await _abort(context, failure)
 
     async def _first_start(
         self, request_iterator: AsyncIterator[wire.SessionRequest]
@@ -210,6 +241,7 @@ class ExecService:
                 ErrorCode.ALREADY_EXISTS,
                 f"exec {start.exec_id!r} already exists in container {start.container_id!r}",
             )
+        spawning = time.monotonic()
         record = await self.runner.create(
             start.container_id,
             start.exec_id,
@@ -223,6 +255,7 @@ class ExecService:
                 else None
             ),
         )
+        self.metrics.spawned(time.monotonic() - spawning)
         return record, self.registry.attach(record, 0)
 
     async def _stream(
@@ -252,11 +285,20 @@ class ExecService:
                     replaying = False
                     yield self._ready(record, session_id, True, boundary)
                 if not cursor.caught_up:
+                    # PROTOCOL 6.7: a client behind the memory cache reads from storage.
+                    cached = max(cursor.position, log_.first_sequence) >= log_.cached_from
                     read = cursor.read(_READ_BATCH, boundary if replaying else None)
                     gap += read.gap_before
                     for chunk in read.items:
+                        if gap:
+                            self.metrics.gap(gap)
                         yield _chunk_response(chunk, chunk.sequence < boundary, gap)
                         gap = 0
+                    self.metrics.streamed(
+                        len(read.items),
+                        sum(len(c.data) for c in read.items),
+                        "memory" if cached else "storage",
+                    )
                     continue
                 if log_.closed:
                     assert log_.exit_code is not None
@@ -353,21 +395,23 @@ class ExecService:
         ],
     ) -> AsyncIterator[wire.ContainerLifecycleEvent]:
         failure: ExecError | None = None
-        try:
-            self._admit(context)
-            cursor, last = self._subscribe(request)
+        with self._observed("ContainerLifecycle") as outcome:
             try:
-                async for event in self._follow(cursor, last, request, context):
-                    yield event
-            finally:
-                self.registry.unsubscribe()
-        except ExecError as error:
-            failure = error
-        except Exception:
-            log.exception("internal error in ContainerLifecycle")
-            failure = _INTERNAL
-        if failure is not None:
-            await _abort(context, failure)
+                self._admit(context)
+                cursor, last = self._subscribe(request)
+                try:
+                    async for event in self._follow(cursor, last, request, context):
+                        yield event
+                finally:
+                    self.registry.unsubscribe()
+            except ExecError as error:
+                failure = error
+            except Exception:
+                log.exception("internal error in ContainerLifecycle")
+                failure = _INTERNAL
+            if failure is not None:
+                outcome.append(STATUS_OF[failure.code].name)
+                await _abort(context, failure)
 
     def _subscribe(
         self, request: wire.ContainerLifecycleRequest
@@ -456,7 +500,7 @@ class ExecService:
                 exec_ids=list(container.execs),
             )
 
-        return await self._unary(context, _sync(status))
+        return await self._unary("ContainerStatus", context, _sync(status))
 
     def _usage(self, container_id: str, exec_id: str) -> wire.ResourceUsage:
         if self.runner is None:
@@ -486,7 +530,7 @@ class ExecService:
             await self._runner().pause(self.registry.container(request.container_id))
             return wire.ContainerControlResponse(success=True, message="paused")
 
-        return await self._unary(context, pause)
+        return await self._unary("ContainerPause", context, pause)
 
     async def ContainerResume(
         self,
@@ -499,7 +543,7 @@ class ExecService:
             await self._runner().resume(self.registry.container(request.container_id))
             return wire.ContainerControlResponse(success=True, message="resumed")
 
-        return await self._unary(context, resume)
+        return await self._unary("ContainerResume", context, resume)
 
     async def ContainerSignal(
         self,
@@ -519,7 +563,7 @@ class ExecService:
             name = signal_module.Signals(signum).name
             return wire.ContainerControlResponse(success=True, message=f"sent {name}")
 
-        return await self._unary(context, _sync(send))
+        return await self._unary("ContainerSignal", context, _sync(send))
 
 
 def _sync(call: Callable[[], _R]) -> Callable[[], Awaitable[_R]]:

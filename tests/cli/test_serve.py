@@ -9,7 +9,7 @@ import stat
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -34,13 +34,18 @@ class Served:
 def serve_cli(tmp_path: Path) -> Iterator[object]:
     started: list[subprocess.Popen[str]] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> Served:
+    def start(
+        *args: str,
+        env: dict[str, str] | None = None,
+        preexec: Callable[[], object] | None = None,
+    ) -> Served:
         process = subprocess.Popen(
             [sys.executable, "-m", "execstream", "serve", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, **(env or {})},
+            preexec_fn=preexec,  # the test is single-threaded here: like `nohup`
         )
         started.append(process)
         assert process.stdout is not None
@@ -153,14 +158,8 @@ def test_bad_flags_are_a_clear_error() -> None:
     [
         (["--max-output-bytes", "100"], "--max-output-bytes: must be 0 (no limit) or at least"),
         (["--max-output-bytes", "lots"], "--max-output-bytes: not a size in bytes: 'lots'"),
-        (
-            ["--memory-cache-bytes", "1KiB"],
-            "--memory-cache-bytes/--history-bytes: must be at least 65536",
-        ),
-        (
-            ["--history-bytes", "1000"],
-            "--memory-cache-bytes/--history-bytes: must be at least 65536",
-        ),
+        (["--memory-cache-bytes", "1KiB"], "--memory-cache-bytes: must be at least 65536"),
+        (["--history-bytes", "1000"], "--memory-cache-bytes: must be at least 65536"),
         (["--max-stored-bytes", "-5"], "--max-stored-bytes: not a size in bytes"),
     ],
 )
@@ -215,3 +214,122 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def _serve_fails(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "execstream", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_version() -> None:
+    from execstream import __version__
+
+    result = subprocess.run(
+        [sys.executable, "-m", "execstream", "--version"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout.strip() == f"execstream {__version__}"
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--history-bytes", "100"], "--memory-cache-bytes"),
+        (["--max-output-bytes", "100"], "--max-output-bytes"),
+        (["--max-stored-bytes", "1KiB"], "--max-stored-bytes"),
+        (["--listen", "nonsense"], "--listen"),
+        (["--listen", "127.0.0.1:99999"], "--listen"),
+        (["--state-dir", "/proc/no-such-dir"], "--state-dir"),
+        (["--tls-cert", "/etc/hostname"], "--tls-key"),
+        (["--metrics-listen", "nowhere"], "--metrics-listen"),
+    ],
+)
+def test_bad_settings_are_one_line_naming_the_flag(args: list[str], flag: str) -> None:
+    result = _serve_fails(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"execstream serve: {flag}:")
+
+
+async def test_a_port_in_use_is_one_line_and_a_failure(serve_cli) -> None:  # type: ignore[no-untyped-def]
+    served = serve_cli("--listen", "127.0.0.1:0")
+    result = _serve_fails("--listen", served.address)
+    assert result.returncode == 1
+    assert (
+        result.stderr == f"execstream serve: --listen: {served.address}: address already in use\n"
+    )
+    assert await _run(served.address, ["true"]) == 0
+
+
+async def test_restart_after_sigkill_ends_the_dead_servers_execs(serve_cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    state = tmp_path / "state"
+    served = serve_cli("--listen", "127.0.0.1:0", "--state-dir", str(state))
+    pids: list[int] = []
+
+    async def leave_running() -> None:
+        async def requests():  # type: ignore[no-untyped-def]
+            yield wire.SessionRequest(
+                start=wire.Start(
+                    container_id="crash",
+                    exec_id="left",
+                    command=["sh", "-c", "sleep 300 & echo $!; echo $$; wait"],
+                )
+            )
+            await asyncio.Event().wait()
+
+        async with grpc.aio.insecure_channel(served.address) as channel:
+            call = wire.ExecStub(channel).Session(requests())
+            out = b""
+            async for response in call:
+                if response.output_chunk is not None:
+                    out += response.output_chunk.stdout or b""
+                    if out.count(b"\n") >= 2:
+                        break
+            pids.extend(int(n) for n in out.split())
+            call.cancel()
+
+    await asyncio.wait_for(leave_running(), 20)
+    served.process.kill()  # SIGKILL: no cleanup at all
+    served.process.wait()
+    assert all(_alive(pid) for pid in pids)
+    assert (state / "containers" / "crash").exists()
+    restarted = serve_cli("--listen", "127.0.0.1:0", "--state-dir", str(state))
+    # Ended before the new server printed its address, i.e. before it accepted anything.
+    assert not any(_alive(pid) for pid in pids)
+    assert not (state / "containers" / "crash").exists()
+    assert await _run(restarted.address, ["true"]) == 0
+    code, err = restarted.stop()
+    assert code == 0 and "died" in err
+    assert not (state / "server.lock").exists()
+
+
+async def test_execs_of_a_nohup_server_get_sighup(serve_cli) -> None:  # type: ignore[no-untyped-def]
+    """Under nohup the server ignores SIGHUP; its execs must not (signal HUP must work)."""
+    served = serve_cli(
+        "--listen", "127.0.0.1:0", preexec=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    )
+
+    async def hup() -> int:
+        async def requests():  # type: ignore[no-untyped-def]
+            yield wire.SessionRequest(
+                start=wire.Start(container_id="nohup", exec_id="e", command=["sleep", "300"])
+            )
+            await asyncio.Event().wait()
+
+        async with grpc.aio.insecure_channel(served.address) as channel:
+            stub = wire.ExecStub(channel)
+            call = stub.Session(requests())
+            await call.read()  # ready: the exec runs
+            await stub.ContainerSignal(
+                wire.ContainerSignalRequest(container_id="nohup", signal="HUP")
+            )
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    return -1
+                if response.exit is not None:
+                    return response.exit
+
+    assert await asyncio.wait_for(hup(), 20) == 128 + signal.SIGHUP

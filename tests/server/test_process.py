@@ -773,3 +773,83 @@ async def test_usage_counts_memory_and_cpu(runtime: ProcessRuntime) -> None:
     await idle.proc.kill()
     after = runtime.usage("c1")
     assert after.memory_bytes == 0
+
+
+def _signal_state(status: str) -> dict[str, int]:
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    return {name: int(fields[name], 16) for name in ("SigIgn", "SigBlk")}
+
+
+@pytest.mark.parametrize("tty", [False, True])
+async def test_execs_start_with_default_signals_and_an_empty_mask(
+    runtime: ProcessRuntime, tty: bool
+) -> None:
+    """Whatever the server inherited (``nohup``, a blocked mask), execs start clean."""
+    hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    quit_ = signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        run = await start(runtime, ["cat", "/proc/self/status"], tty=tty)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+        signal.signal(signal.SIGHUP, hup)
+        signal.signal(signal.SIGQUIT, quit_)
+    assert await run.wait() == 0
+    assert _signal_state(run.stdout.text.replace("\r\n", "\n")) == {"SigIgn": 0, "SigBlk": 0}
+
+
+def test_clean_server_signal_state_needs_no_trampoline() -> None:
+    # Started with `&` from a script, this process itself ignores SIGINT and SIGQUIT.
+    ignored = [
+        signum
+        for signum in signal.valid_signals()
+        if signum not in _process._RESTORED_BY_POPEN and signal.getsignal(signum) == signal.SIG_IGN
+    ]
+    mask = signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    try:
+        for signum in ignored:
+            signal.signal(signum, signal.SIG_DFL)
+        assert _process._clean_signals_prefix() == ()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        assert _process._clean_signals_prefix() != ()
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    finally:
+        for signum in ignored:
+            signal.signal(signum, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"command": ["x" * 300]},
+        {"command": ["true"], "working_dir": "d" * 300},
+        {"command": ["sh", "-c", "true"], "env": {"PATH": "/" + "p" * 300}},
+        {"command": ["/" + "/".join(["a" * 250] * 20)]},
+    ],
+)
+async def test_names_the_system_refuses_are_invalid_argument(
+    runtime: ProcessRuntime, spec: dict[str, object]
+) -> None:
+    """ENAMETOOLONG and friends are the request's fault (PROTOCOL 3.2), never UNKNOWN."""
+    with pytest.raises(ExecError) as caught:
+        await runtime.spawn("fresh", "e", ExecSpec(**spec), Recorder(), Recorder())  # type: ignore[arg-type]
+    assert caught.value.code is ErrorCode.INVALID_ARGUMENT, caught.value
+    assert not runtime.container_dir("fresh").exists()
+
+
+async def test_end_leftovers_kills_the_processes_of_a_dead_runtime(tmp_path: Path) -> None:
+    """A restart after a crash ends what the dead server's runtime started."""
+    dead = ProcessRuntime(tmp_path / "state", cgroup_freezer=False)
+    run = await start(dead, ["sh", "-c", "sleep 100 & echo $!; exec sleep 100"])
+    await eventually(lambda: len(run.pids()) == 1, "the background pid")
+    (background,) = run.pids()
+    main = run.proc.pid
+    assert _process.end_leftovers(dead.token) >= 2
+
+    def alive(pid: int) -> bool:
+        stat = _process._read_stat(pid)
+        return stat is not None and stat.alive
+
+    await eventually(lambda: not alive(background) and not alive(main), "the leftovers to die")
+    await closed_and_clean(dead)
