@@ -52,6 +52,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# grpc's C core logs an INFO line per connection a stopped server ends: noise in a table.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import grpc
 import grpc.aio
 
@@ -188,11 +191,23 @@ class Server:
         self._log.close()
 
 
-def start_server(kind: str, *, retention: float, output_flags: list[str], logdir: Path) -> Server:
+def start_server(
+    kind: str,
+    *,
+    retention: float,
+    output_flags: list[str],
+    logdir: Path,
+    profile: Path | None = None,
+) -> Server:
+    """``profile``: run the server under cProfile (its event loop thread, where the Python
+    work is) and write the stats there when it stops."""
+    argv = [sys.executable]
+    if profile is not None:
+        argv += ["-m", "cProfile", "-o", str(profile)]
     if kind == "naive":
-        argv = [sys.executable, NAIVE, "--listen", "127.0.0.1:0", "--retention", str(retention)]
+        argv += [NAIVE, "--listen", "127.0.0.1:0", "--retention", str(retention)]
     else:
-        argv = [sys.executable, "-m", "execstream", "serve", "--listen", "127.0.0.1:0"]
+        argv += ["-m", "execstream", "serve", "--listen", "127.0.0.1:0"]
         argv += ["--log-level", "WARNING", "--retention", str(retention)]
         argv += ["--cleanup-interval", str(max(min(retention / 2, 30.0), 0.1))]
         argv += ["--max-execs", "100000", "--max-execs-per-container", "100000"]
@@ -611,7 +626,12 @@ async def _measure(server: Server, step: Step) -> Values:
 
 
 async def run_repetition(
-    rep: int, params: Params, only: set[str], output_flags: list[str], workdir: Path
+    rep: int,
+    params: Params,
+    only: set[str],
+    output_flags: list[str],
+    workdir: Path,
+    profile: Path | None,
 ) -> dict[str, Values]:
     """Both servers run side by side; each step measures one, then the other, taking turns
     going first, so that a change in the machine's load hits both alike."""
@@ -619,8 +639,15 @@ async def run_repetition(
     servers: list[Server] = []
     try:
         for kind in SERVERS:
+            profile_to = profile / f"{kind}-run{rep + 1}.prof" if profile else None
             servers.append(
-                start_server(kind, retention=2.0, output_flags=output_flags, logdir=workdir)
+                start_server(
+                    kind,
+                    retention=2.0,
+                    output_flags=output_flags,
+                    logdir=workdir,
+                    profile=profile_to,
+                )
             )
         for n, step in enumerate(steps(params, only, workdir)):
             for server in servers if (rep + n) % 2 == 0 else servers[::-1]:
@@ -864,6 +891,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Params]:
     parser.add_argument("--only", nargs="+", choices=FIGURES, help="measure only these")
     parser.add_argument("--require-targets", action="store_true", help="exit 3 if one is unmet")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        type=Path,
+        help="run the servers under cProfile, one stats file per server and run (pstats); "
+        "select what to profile with --only, and do not trust the figures of a profiled run",
+    )
     for spec in dataclasses.fields(Params):
         kind: Callable[[str], Any] = int
         if spec.type in ("float",):
@@ -894,12 +928,16 @@ async def run(args: argparse.Namespace, params: Params) -> int:
     output_flags = _reference_output_flags(largest + 64 * MIB)
     runs: list[dict[str, Values]] = []
     pipe: list[float] = []
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="execstream-bench-") as tmp:
         workdir = Path(tmp)
         for rep in range(params.runs):
             if "throughput" in only:
                 pipe.append(pipe_mb_s(params.mib * MIB))
-            runs.append(await run_repetition(rep, params, only, output_flags, workdir))
+            runs.append(
+                await run_repetition(rep, params, only, output_flags, workdir, args.profile)
+            )
             print(
                 f"run {rep + 1} of {params.runs} done ({time.perf_counter() - began:.0f} s)",
                 file=sys.stderr,

@@ -172,3 +172,22 @@ def test_a_tiny_run_reports_every_figure_for_both_servers(tmp_path: Path) -> Non
     assert figures["rss_per_exec"]["met"] in (True, False)
     # The table names every figure, with its verdict where there is a target.
     assert "exec/naive" in done.stdout and "RSS per retained exited exec" in done.stdout
+
+
+def test_profile_writes_stats_of_both_servers(tmp_path: Path) -> None:
+    import pstats
+
+    argv = [sys.executable, str(BENCH / "compare.py"), "--runs", "1", "--only", "start"]
+    argv += ["--start-count", "2", "--profile", str(tmp_path / "prof")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for kind in ("execstream", "naive"):
+        stats = pstats.Stats(str(tmp_path / "prof" / f"{kind}-run1.prof"))
+        assert stats.total_calls > 0  # type: ignore[attr-defined]
+
+
+def test_a_bad_option_is_one_line_not_a_traceback() -> None:
+    argv = [sys.executable, str(BENCH / "compare.py"), "--runs", "0"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--runs must be at least 1" in done.stderr
