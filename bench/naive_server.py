@@ -39,7 +39,7 @@ _generated: list[tempfile.TemporaryDirectory[str]] = []
 def load_protos() -> tuple[ModuleType, ModuleType]:
     """``exec_pb2`` and ``exec_pb2_grpc``, generated from spec/exec.proto once per process."""
     if not _generated:
-        from grpc_tools import protoc
+        from grpc_tools import protoc  # type: ignore[import-untyped]
 
         out = tempfile.TemporaryDirectory(prefix="naive-exec-proto-")
         include = str(importlib.resources.files("grpc_tools") / "_proto")
@@ -85,7 +85,10 @@ class Exec:
         self._notify()
 
 
-class NaiveExec(pb_grpc.ExecServicer):  # type: ignore[misc]
+ExecServicer: Any = pb_grpc.ExecServicer  # generated at run time: no static type
+
+
+class NaiveExec(ExecServicer):  # type: ignore[misc]
     def __init__(self, retention: float) -> None:
         self.execs: dict[tuple[str, str], Exec] = {}
         self.retention = retention
