@@ -775,6 +775,7 @@ def build_rows(params: Params, runs: list[dict[str, Values]], pipe: list[float])
             "≤ 1.00x",
             no_worse,
         ),
+        Row("bulk_mb_s", "  bulk output delivered meanwhile", "MB/s", True),
         Row("start_exit", "Start → exit of `true`, median", "ms", False, "≤ 1.00x", no_worse),
         Row(
             "burst",

@@ -33,23 +33,36 @@ import grpc.aio
 
 PROTO = Path(__file__).resolve().parent.parent / "spec" / "exec.proto"
 READ_SIZE = 64 * 1024
-_generated: list[tempfile.TemporaryDirectory[str]] = []
+_GENERATED = ("exec_pb2", "exec_pb2_grpc")
+_loaded: list[ModuleType] = []
 
 
 def load_protos() -> tuple[ModuleType, ModuleType]:
-    """``exec_pb2`` and ``exec_pb2_grpc``, generated from spec/exec.proto once per process."""
-    if not _generated:
+    """``exec_pb2`` and ``exec_pb2_grpc``, generated from spec/exec.proto once per process.
+
+    They are imported without leaving their generic names in ``sys.modules`` or their
+    directory on ``sys.path``, so that other code compiling the same proto is not handed
+    these (the descriptor pool accepts the identical file twice)."""
+    if not _loaded:
         from grpc_tools import protoc  # type: ignore[import-untyped]
 
-        out = tempfile.TemporaryDirectory(prefix="naive-exec-proto-")
-        include = str(importlib.resources.files("grpc_tools") / "_proto")
-        argv = ["protoc", f"-I{PROTO.parent}", f"-I{include}"]
-        argv += [f"--python_out={out.name}", f"--grpc_python_out={out.name}", str(PROTO)]
-        if protoc.main(argv) != 0:
-            raise RuntimeError(f"protoc failed on {PROTO}")
-        _generated.append(out)
-        sys.path.insert(0, out.name)
-    return importlib.import_module("exec_pb2"), importlib.import_module("exec_pb2_grpc")
+        with tempfile.TemporaryDirectory(prefix="naive-exec-proto-") as out:
+            include = str(importlib.resources.files("grpc_tools") / "_proto")
+            argv = ["protoc", f"-I{PROTO.parent}", f"-I{include}"]
+            argv += [f"--python_out={out}", f"--grpc_python_out={out}", str(PROTO)]
+            if protoc.main(argv) != 0:
+                raise RuntimeError(f"protoc failed on {PROTO}")
+            saved = {name: sys.modules.pop(name) for name in _GENERATED if name in sys.modules}
+            sys.path.insert(0, out)
+            try:
+                # exec_pb2_grpc imports exec_pb2 by name: both in one go.
+                _loaded.extend(importlib.import_module(name) for name in _GENERATED)
+            finally:
+                sys.path.remove(out)
+                for name in _GENERATED:
+                    sys.modules.pop(name, None)
+                sys.modules.update(saved)
+    return _loaded[0], _loaded[1]
 
 
 pb, pb_grpc = load_protos()

@@ -153,6 +153,7 @@ def test_a_tiny_run_reports_every_figure_for_both_servers(tmp_path: Path) -> Non
         "latency_idle_p99",
         "latency_load_p50",
         "latency_load_p99",
+        "bulk_mb_s",
         "start_exit",
         "burst",
         "rss_per_exec",
