@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 
 import grpc.aio
@@ -51,7 +51,7 @@ async def _requests(start: wire.Start) -> AsyncIterator[wire.SessionRequest]:
     yield wire.SessionRequest(start=start)
 
 
-async def _read_all(responses: AsyncIterator[wire.SessionResponse]) -> int:
+async def _read_all(responses: AsyncIterable[wire.SessionResponse]) -> int:
     got = sequence = 0
     async for response in responses:
         chunk = response.output_chunk
