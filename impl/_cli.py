@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ._cli_client import add_client_commands
-from .server import ExecServer, Limits, ServerSettings
+from .server import RUNTIMES, ExecServer, Limits, ServerSettings
 
 __all__ = ["main"]
 
@@ -87,6 +87,13 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=None,
         help="where containers and output copies live (default: a fresh temp dir)",
     )
+    p.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="process",
+        help="what runs the execs: host processes, or OCI containers with runc "
+        "(default %(default)s)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(run=_serve)
 
@@ -107,6 +114,7 @@ async def _serve_async(args: argparse.Namespace) -> int:
         cleanup_interval=args.cleanup_interval,
         limits=limits,
         state_dir=args.state_dir,
+        runtime=args.runtime,
     )
     server = ExecServer(settings)
     stop = asyncio.Event()

@@ -8,7 +8,7 @@ hand execs over with ``attachable.executor.register(...)`` (see :class:`Executor
 from ._errors import ErrorCode, ExecError
 from ._executor import ExecHandle, Executor, TeeWriter
 from ._log import MAX_CHUNK, Chunk, Cursor, ExecLog, Read, SequencedLog, Stream
-from ._process import ExecSpec, ProcessExec, ProcessRuntime, ResourceSample
+from ._process import ProcessExec, ProcessRuntime
 from ._registry import (
     ContainerRecord,
     EventLog,
@@ -19,12 +19,28 @@ from ._registry import (
     Registry,
 )
 from ._runner import ProcessRunner
-from ._server import ExecAttachable, ExecServer, RetentionSweeper, ServerSettings
+from ._server import (
+    RUNTIMES,
+    ExecAttachable,
+    ExecServer,
+    RetentionSweeper,
+    ServerSettings,
+    create_runtime,
+)
 from ._service import STATUS_OF, ExecService, parse_signal
 from ._state import ExecEvent, ExecState, IllegalTransition
+from .runtime import (
+    ExecSpec,
+    FakeRuntime,
+    OutputSink,
+    ResourceSample,
+    RunningExec,
+    Runtime,
+)
 
 __all__ = [
     "MAX_CHUNK",
+    "RUNTIMES",
     "STATUS_OF",
     "Chunk",
     "ContainerRecord",
@@ -43,9 +59,11 @@ __all__ = [
     "ExecSpec",
     "ExecState",
     "Executor",
+    "FakeRuntime",
     "IllegalTransition",
     "LifecycleEvent",
     "Limits",
+    "OutputSink",
     "ProcessExec",
     "ProcessRunner",
     "ProcessRuntime",
@@ -53,9 +71,12 @@ __all__ = [
     "Registry",
     "ResourceSample",
     "RetentionSweeper",
+    "RunningExec",
+    "Runtime",
     "SequencedLog",
     "ServerSettings",
     "Stream",
     "TeeWriter",
+    "create_runtime",
     "parse_signal",
 ]

@@ -95,11 +95,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from ._errors import ErrorCode, ExecError
+from .runtime._base import ExecSpec, OutputSink, ResourceSample, check_terminal_size
 
 __all__ = [
     "BASE_PATH",
@@ -143,55 +143,6 @@ except OSError as exc:
     sys.stderr.write(f"cannot execute {sys.argv[1]!r}: {exc.strerror}\\n")
     os._exit(127)
 """
-
-
-class OutputSink(Protocol):
-    def write(self, data: bytes) -> None:
-        """Take one read of output; called on the event loop thread, must not block."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ExecSpec:
-    """What to run.  Validates itself (PROTOCOL 3.2: bad fields are INVALID_ARGUMENT)."""
-
-    command: Sequence[str]
-    #: Added on top of the base environment: ``PATH`` (:data:`BASE_PATH`), ``HOME`` (the
-    #: container dir) and, for a TTY, ``TERM=xterm``.
-    env: Mapping[str, str] = field(default_factory=dict)
-    #: "" is the container dir; a relative path is relative to it.
-    working_dir: str = ""
-    tty: bool = False
-    width: int = 80
-    height: int = 24
-
-    def __post_init__(self) -> None:
-        if isinstance(self.command, str) or not self.command:
-            raise ExecError(ErrorCode.INVALID_ARGUMENT, "command must be a non-empty argv")
-        for arg in self.command:
-            if "\0" in arg:
-                raise ExecError(ErrorCode.INVALID_ARGUMENT, f"command argument {arg!r} has NUL")
-        for key, value in self.env.items():
-            if not key or "=" in key or "\0" in key:
-                raise ExecError(ErrorCode.INVALID_ARGUMENT, f"env key {key!r} is not valid")
-            if "\0" in value:
-                raise ExecError(ErrorCode.INVALID_ARGUMENT, f"env value of {key!r} has NUL")
-        if "\0" in self.working_dir:
-            raise ExecError(ErrorCode.INVALID_ARGUMENT, "working_dir contains NUL")
-        if self.tty:
-            _check_size(self.width, self.height)
-        object.__setattr__(self, "command", tuple(self.command))
-        object.__setattr__(self, "env", dict(self.env))
-
-
-@dataclass(frozen=True, slots=True)
-class ResourceSample:
-    """PROTOCOL 9.4; the module docstring says how each figure is measured."""
-
-    cpu_percent: float
-    memory_bytes: int
-    memory_limit: int
-    io_read_bytes: int
-    io_write_bytes: int
 
 
 # --- /proc ------------------------------------------------------------------------------
@@ -372,14 +323,6 @@ def _ctty_prefix() -> tuple[str, ...]:
             if b"-c" in probe.stdout + probe.stderr:
                 return (setsid, "-c")
     return (sys.executable, "-I", "-S", "-c", _CTTY_TRAMPOLINE)
-
-
-def _check_size(width: int, height: int) -> None:
-    if not (0 < width <= 0xFFFF and 0 < height <= 0xFFFF):
-        raise ExecError(
-            ErrorCode.INVALID_ARGUMENT,
-            f"terminal size {width}x{height} is not valid: width and height must be 1..65535",
-        )
 
 
 def _winsize(width: int, height: int) -> bytes:
@@ -866,7 +809,7 @@ class ProcessExec:
         """PROTOCOL 7.3.  The kernel signals SIGWINCH to the foreground process group."""
         if not self.tty:
             raise ExecError(ErrorCode.FAILED_PRECONDITION, f"{self._label} has no terminal")
-        _check_size(width, height)
+        check_terminal_size(width, height)
         self._size = (width, height)
         if self._master is not None:
             fcntl.ioctl(self._master, termios.TIOCSWINSZ, _winsize(width, height))
@@ -1128,6 +1071,12 @@ class ProcessRuntime:
             io_read_bytes=read,
             io_write_bytes=written,
         )
+
+    async def remove_container(self, container_id: str) -> None:
+        """Release every exec of the container; its directory goes with the last one."""
+        for (owner, _), proc in list(self._execs.items()):
+            if owner == container_id:
+                self._release(proc)
 
     async def close(self) -> None:
         """Kill everything still running, reap it, remove the container dirs.  Idempotent."""

@@ -29,8 +29,16 @@ from ._process import ProcessRuntime
 from ._registry import ExecRecord, Limits, Registry
 from ._runner import ProcessRunner
 from ._service import ExecService
+from .runtime import Runtime
 
-__all__ = ["ExecAttachable", "ExecServer", "RetentionSweeper", "ServerSettings"]
+__all__ = [
+    "RUNTIMES",
+    "ExecAttachable",
+    "ExecServer",
+    "RetentionSweeper",
+    "ServerSettings",
+    "create_runtime",
+]
 
 log = logging.getLogger("execstream.server")
 
@@ -56,10 +64,25 @@ class ServerSettings:
     state_dir: Path | None = None  # None: a fresh temporary directory, removed at close
     drain_timeout: float = 2.0  # PROTOCOL 5.3
     shutdown_grace: float = 2.0
+    #: What runs the execs: one of :data:`RUNTIMES`.
+    runtime: str = "process"
 
     def __post_init__(self) -> None:
         if self.retention < 0 or self.cleanup_interval <= 0:
             raise ValueError("retention must be >= 0 and cleanup_interval > 0 seconds")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(
+                f"unknown runtime {self.runtime!r}: choose one of {', '.join(RUNTIMES)}"
+            )
+
+
+#: The runtimes ``ServerSettings.runtime`` (and ``execstream serve --runtime``) can name.
+RUNTIMES = ("process",)
+
+
+def create_runtime(settings: ServerSettings, state_dir: Path) -> Runtime:
+    """The runtime ``settings.runtime`` names, keeping its state under ``state_dir``."""
+    return ProcessRuntime(state_dir, drain_timeout=settings.drain_timeout)
 
 
 class RetentionSweeper:
@@ -154,13 +177,17 @@ class ExecAttachable:
 class ExecServer:
     """``execstream serve`` as an object: ``async with ExecServer(settings) as server:``."""
 
-    def __init__(self, settings: ServerSettings | None = None) -> None:
+    def __init__(
+        self, settings: ServerSettings | None = None, *, runtime: Runtime | None = None
+    ) -> None:
+        """``runtime`` replaces the one ``settings.runtime`` names (a test's fake)."""
         self.settings = settings or ServerSettings()
         self._own_state_dir = self.settings.state_dir is None
         self.state_dir = self.settings.state_dir or Path(tempfile.mkdtemp(prefix="execstream-"))
         registry = Registry(self.settings.limits)
         executor = Executor(registry, self.state_dir / "logs")
-        runtime = ProcessRuntime(self.state_dir, drain_timeout=self.settings.drain_timeout)
+        if runtime is None:
+            runtime = create_runtime(self.settings, self.state_dir)
         self.attachable = ExecAttachable(
             executor,
             runner=ProcessRunner(executor, runtime),
