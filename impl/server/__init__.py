@@ -8,7 +8,6 @@ hand execs over with ``attachable.executor.register(...)`` (see :class:`Executor
 from ._errors import ErrorCode, ExecError
 from ._executor import ExecHandle, Executor, TeeWriter
 from ._log import MAX_CHUNK, Chunk, Cursor, ExecLog, Read, SequencedLog, Stream
-from ._process import ProcessExec, ProcessRuntime
 from ._registry import (
     ContainerRecord,
     EventLog,
@@ -33,6 +32,8 @@ from .runtime import (
     ExecSpec,
     FakeRuntime,
     OutputSink,
+    ProcessExec,
+    ProcessRuntime,
     ResourceSample,
     RunningExec,
     Runtime,

@@ -25,11 +25,11 @@ import grpc.aio
 from execstream import wire
 
 from ._executor import Executor
-from ._process import ProcessRuntime
 from ._registry import ExecRecord, Limits, Registry
 from ._runner import ProcessRunner
 from ._service import ExecService
 from .runtime import Runtime
+from .runtime.process import ProcessRuntime
 
 __all__ = [
     "RUNTIMES",

@@ -1,7 +1,8 @@
 """Runtimes: what runs the execs of the reference server, behind one contract.
 
 :class:`Runtime` and :class:`RunningExec` are the contract (``_base``); the runner and the
-service use nothing else.  :class:`FakeRuntime` runs nothing, for tests.
+service use nothing else.  :class:`ProcessRuntime` (the default) runs host processes,
+:class:`FakeRuntime` runs nothing, for tests.
 """
 
 from typing import TYPE_CHECKING
@@ -15,12 +16,15 @@ from ._base import (
     check_terminal_size,
 )
 from ._fake import FakeExec, FakeRuntime
+from .process import ProcessExec, ProcessRuntime
 
 __all__ = [
     "ExecSpec",
     "FakeExec",
     "FakeRuntime",
     "OutputSink",
+    "ProcessExec",
+    "ProcessRuntime",
     "ResourceSample",
     "RunningExec",
     "Runtime",
