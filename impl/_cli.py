@@ -94,6 +94,13 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="what runs the execs: host processes, or OCI containers with runc "
         "(default %(default)s)",
     )
+    p.add_argument(
+        "--rootfs",
+        type=Path,
+        default=None,
+        help="with --runtime runc: the root filesystem every container starts from, copied "
+        "per container (default: one assembled from busybox-static)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(run=_serve)
 
@@ -115,6 +122,7 @@ async def _serve_async(args: argparse.Namespace) -> int:
         limits=limits,
         state_dir=args.state_dir,
         runtime=args.runtime,
+        rootfs=args.rootfs,
     )
     server = ExecServer(settings)
     stop = asyncio.Event()

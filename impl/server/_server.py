@@ -30,6 +30,7 @@ from ._runner import ProcessRunner
 from ._service import ExecService
 from .runtime import Runtime
 from .runtime.process import ProcessRuntime
+from .runtime.runc import RuncRuntime
 
 __all__ = [
     "RUNTIMES",
@@ -66,6 +67,8 @@ class ServerSettings:
     shutdown_grace: float = 2.0
     #: What runs the execs: one of :data:`RUNTIMES`.
     runtime: str = "process"
+    #: The root filesystem of runc containers; None: one assembled from busybox.
+    rootfs: Path | None = None
 
     def __post_init__(self) -> None:
         if self.retention < 0 or self.cleanup_interval <= 0:
@@ -77,11 +80,17 @@ class ServerSettings:
 
 
 #: The runtimes ``ServerSettings.runtime`` (and ``execstream serve --runtime``) can name.
-RUNTIMES = ("process",)
+RUNTIMES = ("process", "runc")
 
 
 def create_runtime(settings: ServerSettings, state_dir: Path) -> Runtime:
-    """The runtime ``settings.runtime`` names, keeping its state under ``state_dir``."""
+    """The runtime ``settings.runtime`` names, keeping its state under ``state_dir``.
+
+    A runtime that cannot run here raises ``RuntimeUnavailable`` (an ``OSError``) saying
+    what to install.
+    """
+    if settings.runtime == "runc":
+        return RuncRuntime(state_dir, rootfs=settings.rootfs, drain_timeout=settings.drain_timeout)
     return ProcessRuntime(state_dir, drain_timeout=settings.drain_timeout)
 
 
