@@ -145,11 +145,12 @@ async def test_execs_of_a_container_share_it_and_a_container_goes_with_its_last_
 async def test_tty_size_resize_and_eof(runtime: RuncRuntime) -> None:
     # read is interrupted by the trapped SIGWINCH: read again.
     script = (
-        "stty size; trap 'stty size' WINCH; echo ready; until read line; do :; done; echo got=$line"
+        "stty size; trap 'stty size' WINCH; echo ready; until read line; do :; done; "
+        "echo got=$line; cat; echo cat-done"
     )
     run = await start(runtime, "c1", "e1", "sh", "-c", script, tty=True, width=100, height=30)
     await eventually(lambda: "ready" in run.stdout.text, "the shell")
-    assert run.stdout.text.startswith("30 100")
+    assert run.stdout.text.startswith("30 100\r")
     run.proc.resize(120, 40)
     await eventually(lambda: "40 120" in run.stdout.text, "the new size after SIGWINCH")
     await run.proc.write_stdin(b"abc\n")

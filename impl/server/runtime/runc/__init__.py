@@ -14,12 +14,15 @@ runc keeps its state in ``<state dir>/runc/state`` (``runc --root``): a server s
 the state directory of one that died deletes the containers it finds there.
 
 **Execs.**  ``runc exec --process`` runs the command with the ``Start``'s argv, env and
-working directory (checked in the container's root filesystem first: PROTOCOL 3.2).  Without
-a TTY its stdin, stdout and stderr are pipes the server made, passed through by runc to the
-process; with a TTY runc creates the pseudo-terminal inside the container, sized from the
-start (7.3), and hands its master to the server over a console socket.  From there the exec
-is a :class:`~execstream.server.runtime.process.ProcessExec`, as in the process runtime: the
-same readers, writer, drain and exit, the exit code being ``runc exec``'s own (the process's
+working directory (checked in the container's root filesystem first: PROTOCOL 3.2).  The
+process gets the server's own stdio through ``--preserve-fds`` and a shell trampoline:
+without a TTY the server's pipes, so output is read as the process writes it (runc would
+copy it, merging writes and waiting for every descendant); with a TTY the slave of a
+pseudo-terminal the server made, sized from the start (7.3), that ``setsid -c`` makes the
+command's controlling terminal (SIGWINCH on resize, job control).  (A root filesystem without
+``sh`` and ``setsid`` falls back to runc's own stdio handling.)  From there the exec is a
+:class:`~execstream.server.runtime.process.ProcessExec`, as in the process runtime: the same
+readers, writer, drain and exit, the exit code being ``runc exec``'s own (the process's
 status, 128 + N for signal N).  runc writes the exec's host pid to a pid file; the exec's
 processes are that one, its session (runc makes every exec a session leader), their
 descendants, and what earlier scans found, among the container's cgroup.

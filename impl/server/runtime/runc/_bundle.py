@@ -25,6 +25,7 @@ __all__ = [
     "INIT_ARGS",
     "PACKAGES",
     "assemble_busybox_rootfs",
+    "can_pass_through",
     "check_exec",
     "container_config",
     "exec_process",
@@ -92,6 +93,20 @@ def container_config(template: Mapping[str, Any], *, hostname: str) -> dict[str,
 #: every descendant closed them (which defeats PROTOCOL 4.4 and the bounded drain of 5.3).
 STDIO_TRAMPOLINE = ["/bin/sh", "-c", 'exec "$@" <&3 >&4 2>&5 3<&- 4>&- 5>&-', "sh"]
 
+#: In the container, for a TTY exec: fd 3 is the slave of a pseudo-terminal the server
+#: made.  ``setsid -c`` makes it the command's controlling terminal (SIGWINCH, job control);
+#: it needs a process that is not a group leader, so the command runs in a child and this
+#: shell, the exec's first process, waits for it and exits with its status (128 + N for
+#: signal N, PROTOCOL 5.2).  Signals sent to the exec skip this shell.  runc's own terminal
+#: mode is not used: it copies output through a second terminal, clearing ONLCR at an
+#: unpredictable moment and dropping the last bytes of a process that exits at once.
+TTY_TRAMPOLINE = [
+    "/bin/sh",
+    "-c",
+    'setsid -c "$@" <&3 >&3 2>&3 3<&- 4>&- 5>&- & exec 3<&- 4>&- 5>&-; wait $!',
+    "sh",
+]
+
 #: On the host, around ``runc exec``: move the pipes from fds 0-2 to 3-5 for
 #: ``--preserve-fds 3``; runc keeps stderr, for its own error messages.
 HOST_TRAMPOLINE = ["/bin/sh", "-c", 'exec 3<&0 4>&1 5>&2 </dev/null >/dev/null; exec "$@"', "sh"]
@@ -105,8 +120,9 @@ def exec_process(
     *,
     passthrough: bool,
 ) -> dict[str, Any]:
-    """The OCI process of one exec (``runc exec --process``); ``passthrough`` wraps a
-    non-TTY command in :data:`STDIO_TRAMPOLINE`."""
+    """The OCI process of one exec (``runc exec --process``); ``passthrough`` wraps the
+    command in :data:`STDIO_TRAMPOLINE` or :data:`TTY_TRAMPOLINE` (the server's stdio, not
+    runc's)."""
     process: dict[str, Any] = json.loads(json.dumps(template["process"]))
     env = {"PATH": BASE_PATH, "HOME": _HOME}
     if spec.tty:
@@ -114,16 +130,24 @@ def exec_process(
     env.update(spec.env)
     env.update({"EXECSTREAM_CONTAINER": container_id, "EXECSTREAM_EXEC": exec_id})
     process.update(
-        terminal=spec.tty,
-        args=[*STDIO_TRAMPOLINE, *spec.command] if passthrough else list(spec.command),
+        terminal=spec.tty and not passthrough,
+        args=list(spec.command),
         env=[f"{key}={value}" for key, value in env.items()],
         cwd=_container_path(spec.working_dir),
     )
-    if spec.tty:
+    if passthrough:
+        trampoline = TTY_TRAMPOLINE if spec.tty else STDIO_TRAMPOLINE
+        process["args"] = [*trampoline, *spec.command]
+    if spec.tty and not passthrough:
         process["consoleSize"] = {"width": spec.width, "height": spec.height}  # PROTOCOL 7.3
     else:
         process.pop("consoleSize", None)
     return process
+
+
+def can_pass_through(rootfs: Path) -> bool:
+    """Whether the trampolines can run in ``rootfs``: a shell and ``setsid`` with ``-c``."""
+    return all(why_not_executable(rootfs / name) is None for name in ("bin/sh", "bin/setsid"))
 
 
 def _container_path(working_dir: str) -> str:

@@ -34,6 +34,7 @@ from ._bundle import (
     HOST_TRAMPOLINE,
     PACKAGES,
     assemble_busybox_rootfs,
+    can_pass_through,
     check_exec,
     container_config,
     exec_process,
@@ -74,20 +75,44 @@ def _reap_if_ours(pid: int) -> None:
 
 
 def _spawn_runc_exec(
-    argv: Sequence[str], spec: ExecSpec, stdout: OutputSink, stderr: OutputSink
+    argv: Sequence[str],
+    spec: ExecSpec,
+    stdout: OutputSink,
+    stderr: OutputSink,
+    *,
+    passthrough: bool,
 ) -> Spawned:
-    """Start ``runc exec`` on pipes, or for a TTY on a host pseudo-terminal.
+    """Start ``runc exec`` on the server's pipes or pseudo-terminal.
 
-    runc hands a console to a console socket only when it detaches, and then nobody gets the
-    exit status.  So a TTY exec runs runc in the foreground on a host pty that is runc's
-    controlling terminal (``setsid -c``): runc makes that pty raw, copies it to and from the
-    container's pty (sized from the start by the process's ``consoleSize``), and on SIGWINCH
-    (a resize of the host pty) sizes the container's pty to match.  Never ``preexec_fn``: the
-    server is threaded.
+    With ``passthrough`` (the container has the trampolines' shell and setsid) the stdio goes
+    to the process itself as fds 3-5 (``--preserve-fds``): pipes, or one pty of ours that
+    :data:`~._bundle.TTY_TRAMPOLINE` makes its controlling terminal, exactly as in the process
+    runtime.  Without it, pipes are copied by runc, and a TTY uses runc's own terminal mode:
+    runc in the foreground on a host pty that is its controlling terminal (``setsid -c``),
+    copying it to the container's pty (sized by ``consoleSize``) and resizing that on
+    SIGWINCH.  (runc hands a console to a console socket only when it detaches, and then
+    nobody gets the exit status.)  Never ``preexec_fn``: the server is threaded.
     """
     parent_fds: list[int] = []
     child_fds: list[int] = []
     try:
+        if spec.tty and passthrough:
+            # One terminal, ours, as in the process runtime (TTY_TRAMPOLINE makes it the
+            # command's controlling terminal); runc writes its own errors to it too.
+            master, slave = os.openpty()
+            parent_fds.append(master)
+            child_fds.append(slave)
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, winsize(spec.width, spec.height))
+            os.set_blocking(master, False)
+            popen = subprocess.Popen(
+                argv,
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                close_fds=True,
+                start_new_session=True,
+            )
+            return Spawned(popen, "", None, master, [(master, stdout, "terminal")], master, [])
         if spec.tty:
             master, slave = os.openpty()
             parent_fds.append(master)
@@ -143,6 +168,7 @@ class _Container:
         self.init_pid = init_pid
         self.started = started  # boot seconds, for a first CPU sample
         self.cgroup = ContainerCgroup(init_pid)
+        self.passthrough = can_pass_through(bundle / "rootfs")
         self.execs: dict[str, _Exec] = {}
         self.paused = False
 
@@ -150,8 +176,12 @@ class _Container:
 class _Exec:
     """What the runtime keeps of one exec besides its :class:`ProcessExec`."""
 
-    def __init__(self, proc: ProcessExec, container: _Container, pid_file: Path) -> None:
+    def __init__(
+        self, proc: ProcessExec, container: _Container, pid_file: Path, *, wrapped: bool
+    ) -> None:
         self.proc = proc
+        #: Whether the first process is the TTY trampoline, which signals skip.
+        self.wrapped = wrapped
         self.container = container
         self.pid_file = pid_file
         #: Host pid of the exec's first process inside the container (from runc's pid file).
@@ -266,10 +296,13 @@ class RuncRuntime:
             signal.Signals(signum)
         except ValueError:
             raise ExecError(ErrorCode.INVALID_ARGUMENT, f"unknown signal {signum}") from None
+        skip = {container.init_pid}
+        skip.update(e.main for e in container.execs.values() if e.wrapped and e.main)
         if exec_id is not None:
             pids = self._members(self._execs[(container_id, exec_id)])
         else:
-            pids = [p for p in container.cgroup.procs() if p != container.init_pid]
+            pids = container.cgroup.procs()
+        pids = [pid for pid in pids if pid not in skip]
         for pid in pids:
             send_signal(pid, signum)
 
@@ -443,8 +476,8 @@ class RuncRuntime:
         execs_dir = container.bundle / "execs"
         execs_dir.mkdir(exist_ok=True)
         process_file = execs_dir / f"{serial}.json"
-        # The trampoline needs a shell in the container (busybox has one; a --rootfs may not).
-        passthrough = not spec.tty and (container.bundle / "rootfs" / "bin" / "sh").exists()
+        # The trampolines need a shell and setsid (busybox has them; a --rootfs may not).
+        passthrough = container.passthrough
         process = exec_process(self._template, spec, cid, exec_id, passthrough=passthrough)
         process_file.write_text(json.dumps(process))
         pid_file = execs_dir / f"{serial}.pid"
@@ -453,7 +486,7 @@ class RuncRuntime:
         if passthrough:
             argv = [*HOST_TRAMPOLINE, *argv, "--preserve-fds", "3"]
         argv.append(cid)
-        spawned = _spawn_runc_exec(argv, spec, stdout, stderr)
+        spawned = _spawn_runc_exec(argv, spec, stdout, stderr, passthrough=passthrough)
         proc = ProcessExec(
             self,
             asyncio.get_running_loop(),
@@ -464,7 +497,7 @@ class RuncRuntime:
             read_size=self.read_size,
             drain_timeout=self.drain_timeout,
         )
-        return _Exec(proc, container, pid_file)
+        return _Exec(proc, container, pid_file, wrapped=spec.tty and passthrough)
 
     def _members(self, entry: _Exec | None) -> list[int]:
         """Live host pids of one exec: its first process, its session, their descendants
