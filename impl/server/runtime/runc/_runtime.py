@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import itertools
 import json
 import logging
@@ -17,10 +16,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import termios
 import time
-import tty
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +24,17 @@ from ..._errors import ErrorCode, ExecError
 from .._base import ExecSpec, OutputSink, ResourceSample
 from ..process._exec import ProcessExec
 from ..process._procfs import CLK_TCK, PAGE_SIZE, boot_seconds, read_io, read_stat
-from ..process._spawn import Spawned, check_id, ctty_prefix, send_signal
-from ..process._stdio import grow_pipe, winsize
+from ..process._spawn import check_id, send_signal
 from ._bundle import (
     HOST_TRAMPOLINE,
     PACKAGES,
     assemble_busybox_rootfs,
-    can_pass_through,
     check_exec,
     container_config,
     exec_process,
     find_tool,
 )
-from ._cgroup import ContainerCgroup
+from ._container import Container, ExecEntry, reap_if_ours, remove_empty, spawn_runc_exec
 
 __all__ = ["RuncRuntime", "RuntimeUnavailable", "runc_problem"]
 
@@ -55,100 +49,6 @@ class RuntimeUnavailable(OSError):
     """The runtime cannot run here; the message says what to install or change."""
 
 
-def _remove_empty(groups: set[Path]) -> None:
-    for group in list(groups):
-        try:
-            group.rmdir()
-        except FileNotFoundError:
-            groups.discard(group)
-        except OSError:
-            pass  # another container of this server is still in it
-        else:
-            groups.discard(group)
-
-
-def _reap_if_ours(pid: int) -> None:
-    """The init was orphaned by ``runc run --detach``: it is our zombie if the server is a
-    subreaper (the process runtime makes it one)."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-def _spawn_runc_exec(
-    argv: Sequence[str],
-    spec: ExecSpec,
-    stdout: OutputSink,
-    stderr: OutputSink,
-    *,
-    passthrough: bool,
-) -> Spawned:
-    """Start ``runc exec`` on the server's pipes or pseudo-terminal.
-
-    With ``passthrough`` (the container has the trampolines' shell and setsid) the stdio goes
-    to the process itself as fds 3-5 (``--preserve-fds``): pipes, or one pty of ours that
-    :data:`~._bundle.TTY_TRAMPOLINE` makes its controlling terminal, exactly as in the process
-    runtime.  Without it, pipes are copied by runc, and a TTY uses runc's own terminal mode:
-    runc in the foreground on a host pty that is its controlling terminal (``setsid -c``),
-    copying it to the container's pty (sized by ``consoleSize``) and resizing that on
-    SIGWINCH.  (runc hands a console to a console socket only when it detaches, and then
-    nobody gets the exit status.)  Never ``preexec_fn``: the server is threaded.
-    """
-    parent_fds: list[int] = []
-    child_fds: list[int] = []
-    try:
-        if spec.tty and passthrough:
-            # One terminal, ours, as in the process runtime (TTY_TRAMPOLINE makes it the
-            # command's controlling terminal); runc writes its own errors to it too.
-            master, slave = os.openpty()
-            parent_fds.append(master)
-            child_fds.append(slave)
-            fcntl.ioctl(slave, termios.TIOCSWINSZ, winsize(spec.width, spec.height))
-            os.set_blocking(master, False)
-            popen = subprocess.Popen(
-                argv,
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
-                close_fds=True,
-                start_new_session=True,
-            )
-            return Spawned(popen, "", None, master, [(master, stdout, "terminal")], master, [])
-        if spec.tty:
-            master, slave = os.openpty()
-            parent_fds.append(master)
-            child_fds.append(slave)
-            fcntl.ioctl(slave, termios.TIOCSWINSZ, winsize(spec.width, spec.height))
-            # Raw before runc starts (it makes it raw too, later): the host pty must neither
-            # echo early input nor take an early EOF character for its own end of file.
-            tty.setraw(slave)
-            os.set_blocking(master, False)
-            popen = subprocess.Popen(
-                [*ctty_prefix(), *argv], stdin=slave, stdout=slave, stderr=slave, close_fds=True
-            )
-            return Spawned(popen, "", None, master, [(master, stdout, "terminal")], master, [])
-        in_r, in_w = os.pipe2(os.O_CLOEXEC)
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        parent_fds += [in_w, out_r, err_r]
-        child_fds += [in_r, out_w, err_w]
-        for fd in (in_w, out_r, err_r):
-            os.set_blocking(fd, False)
-            grow_pipe(fd)
-        # runc passes these through: the process in the container writes to our pipes.
-        popen = subprocess.Popen(
-            argv, stdin=in_r, stdout=out_w, stderr=err_w, close_fds=True, start_new_session=True
-        )
-        outputs = [(out_r, stdout, "stdout"), (err_r, stderr, "stderr")]
-        return Spawned(popen, "", None, in_w, outputs, None, [])
-    except BaseException:
-        for fd in parent_fds:
-            os.close(fd)
-        raise
-    finally:
-        for fd in child_fds:
-            os.close(fd)
-
-
 def runc_problem() -> str | None:
     """Why the runc runtime cannot run here, or None when it can."""
     missing = [name for name in ("runc", "busybox") if find_tool(name) is None]
@@ -157,43 +57,6 @@ def runc_problem() -> str | None:
     if os.geteuid() != 0:
         return "the runc runtime needs root (runc creates namespaces and cgroups)"
     return None
-
-
-class _Container:
-    """One OCI container: its bundle, its init, its cgroup, its execs."""
-
-    def __init__(self, container_id: str, bundle: Path, init_pid: int, started: float) -> None:
-        self.container_id = container_id
-        self.bundle = bundle
-        self.init_pid = init_pid
-        self.started = started  # boot seconds, for a first CPU sample
-        self.cgroup = ContainerCgroup(init_pid)
-        self.passthrough = can_pass_through(bundle / "rootfs")
-        self.execs: dict[str, _Exec] = {}
-        self.paused = False
-
-
-class _Exec:
-    """What the runtime keeps of one exec besides its :class:`ProcessExec`."""
-
-    def __init__(
-        self, proc: ProcessExec, container: _Container, pid_file: Path, *, wrapped: bool
-    ) -> None:
-        self.proc = proc
-        #: Whether the first process is the TTY trampoline, which signals skip.
-        self.wrapped = wrapped
-        self.container = container
-        self.pid_file = pid_file
-        #: Host pid of the exec's first process inside the container (from runc's pid file).
-        self.main: int | None = None
-        #: Processes attributed at the last scan: pid -> start ticks (a reused pid is not ours).
-        self.known: dict[int, int] = {}
-
-    def main_pid(self) -> int | None:
-        if self.main is None:
-            with contextlib.suppress(OSError, ValueError):
-                self.main = int(self.pid_file.read_text().strip())
-        return self.main
 
 
 class RuncRuntime:
@@ -231,11 +94,11 @@ class RuncRuntime:
         #: The per-server groups above the containers' (runc does not remove them).
         self._cgroup_parents: set[Path] = set()
         self._template: dict[str, Any] | None = None
-        self._containers: dict[str, _Container] = {}
-        self._creating: dict[str, asyncio.Task[_Container]] = {}
+        self._containers: dict[str, Container] = {}
+        self._creating: dict[str, asyncio.Task[Container]] = {}
         self._deleting: dict[str, asyncio.Task[None]] = {}
-        self._execs: dict[tuple[str, str], _Exec] = {}
-        self._by_proc: dict[ProcessExec, _Exec] = {}
+        self._execs: dict[tuple[str, str], ExecEntry] = {}
+        self._by_proc: dict[ProcessExec, ExecEntry] = {}
         self._cpu_windows: dict[tuple[str, str | None], tuple[float, float]] = {}
         self._serial = itertools.count(1)
         self._set_up: asyncio.Task[None] | None = None
@@ -297,9 +160,9 @@ class RuncRuntime:
         except ValueError:
             raise ExecError(ErrorCode.INVALID_ARGUMENT, f"unknown signal {signum}") from None
         skip = {container.init_pid}
-        skip.update(e.main for e in container.execs.values() if e.wrapped and e.main)
+        skip.update(e.main_pid() or 0 for e in container.execs.values() if e.wrapped)
         if exec_id is not None:
-            pids = self._members(self._execs[(container_id, exec_id)])
+            pids = self._execs[(container_id, exec_id)].members()
         else:
             pids = container.cgroup.procs()
         pids = [pid for pid in pids if pid not in skip]
@@ -317,7 +180,7 @@ class RuncRuntime:
         else:
             cpu_ticks = memory = read = written = 0
             entry = self._execs[(container_id, exec_id)]
-            for pid in self._members(entry):
+            for pid in entry.members():
                 st = read_stat(pid)
                 if st is None or not st.alive:
                     continue
@@ -361,7 +224,7 @@ class RuncRuntime:
         entry = self._by_proc.get(proc)
         deadline = time.monotonic() + _KILL_TIMEOUT
         while True:
-            live = self._members(entry) if entry is not None else []
+            live = entry.members() if entry is not None else []
             for pid in live:
                 send_signal(pid, signal.SIGKILL)
             if not live and proc.exit_code is not None:
@@ -378,7 +241,7 @@ class RuncRuntime:
         entry = self._by_proc.pop(proc, None)
         try:
             if entry is not None:
-                for pid in self._members(entry):
+                for pid in entry.members():
                     send_signal(pid, signal.SIGKILL)
         finally:
             proc.close_io(f"{proc.label} was released")
@@ -393,11 +256,11 @@ class RuncRuntime:
     def note_exit(self, proc: ProcessExec) -> None:
         entry = self._by_proc.get(proc)
         if entry is not None:
-            self._members(entry)  # record descendants while they are still findable
+            entry.members()  # record descendants while they are still findable
 
     # -- containers ----------------------------------------------------------------------
 
-    async def _container(self, container_id: str) -> _Container:
+    async def _container(self, container_id: str) -> Container:
         deleting = self._deleting.get(container_id)
         if deleting is not None:
             await asyncio.shield(deleting)  # same ID again: the old one must be gone first
@@ -410,7 +273,7 @@ class RuncRuntime:
             creating.add_done_callback(lambda _: self._creating.pop(container_id, None))
         return await asyncio.shield(creating)
 
-    async def _create(self, container_id: str) -> _Container:
+    async def _create(self, container_id: str) -> Container:
         await self._ensure_set_up()
         assert self._template is not None
         bundle = self.home / "bundles" / container_id
@@ -425,7 +288,7 @@ class RuncRuntime:
                 await self._runc("delete", "--force", container_id)
             await asyncio.to_thread(shutil.rmtree, bundle, True)
             raise
-        container = _Container(container_id, bundle, int(state["pid"]), boot_seconds())
+        container = Container(container_id, bundle, int(state["pid"]), boot_seconds())
         self._containers[container_id] = container
         log.info("container %s created (init pid %d)", container_id, container.init_pid)
         return container
@@ -439,7 +302,7 @@ class RuncRuntime:
         config["linux"]["cgroupsPath"] = f"{self._cgroup_parent}/{container_id}"
         (bundle / "config.json").write_text(json.dumps(config))
 
-    def _retire(self, container: _Container) -> None:
+    def _retire(self, container: Container) -> None:
         """The container's last exec is gone: delete it (in the background)."""
         cid = container.container_id
         if self._containers.get(cid) is not container or cid in self._deleting:
@@ -450,26 +313,26 @@ class RuncRuntime:
         self._deleting[cid] = task
         task.add_done_callback(lambda _: self._deleting.pop(cid, None))
 
-    async def _delete(self, container: _Container) -> None:
+    async def _delete(self, container: Container) -> None:
         try:
             await self._runc("delete", "--force", container.container_id)
         except ExecError as error:
             log.warning("could not delete container %s: %s", container.container_id, error)
-        _reap_if_ours(container.init_pid)
+        reap_if_ours(container.init_pid)
         self._cgroup_parents.update(path.parent for path in container.cgroup.paths.values())
-        _remove_empty(self._cgroup_parents)
+        remove_empty(self._cgroup_parents)
         await asyncio.to_thread(shutil.rmtree, container.bundle, True)
 
     # -- execs ---------------------------------------------------------------------------
 
     async def _start(
         self,
-        container: _Container,
+        container: Container,
         exec_id: str,
         spec: ExecSpec,
         stdout: OutputSink,
         stderr: OutputSink,
-    ) -> _Exec:
+    ) -> ExecEntry:
         assert self._template is not None
         cid = container.container_id
         serial = next(self._serial)
@@ -486,7 +349,7 @@ class RuncRuntime:
         if passthrough:
             argv = [*HOST_TRAMPOLINE, *argv, "--preserve-fds", "3"]
         argv.append(cid)
-        spawned = _spawn_runc_exec(argv, spec, stdout, stderr, passthrough=passthrough)
+        spawned = spawn_runc_exec(argv, spec, stdout, stderr, passthrough=passthrough)
         proc = ProcessExec(
             self,
             asyncio.get_running_loop(),
@@ -497,39 +360,9 @@ class RuncRuntime:
             read_size=self.read_size,
             drain_timeout=self.drain_timeout,
         )
-        return _Exec(proc, container, pid_file, wrapped=spec.tty and passthrough)
+        return ExecEntry(proc, container, pid_file, wrapped=spec.tty and passthrough)
 
-    def _members(self, entry: _Exec | None) -> list[int]:
-        """Live host pids of one exec: its first process, its session, their descendants
-        and what earlier scans found (so a process that left the session stays found)."""
-        if entry is None:
-            return []
-        main = entry.main_pid()
-        stats = {pid: st for pid in entry.container.cgroup.procs() if (st := read_stat(pid))}
-        owned: set[int] = set()
-        for pid, st in stats.items():
-            if (
-                pid == main
-                or (main is not None and st.session == main)
-                or entry.known.get(pid) == st.start_ticks
-            ):
-                owned.add(pid)
-        children: dict[int, list[int]] = {}
-        for st in stats.values():
-            children.setdefault(st.ppid, []).append(st.pid)
-        stack = list(owned)
-        while stack:
-            for child in children.get(stack.pop(), ()):
-                if child not in owned:
-                    owned.add(child)
-                    stack.append(child)
-        owned.discard(entry.container.init_pid)
-        entry.known = {pid: stats[pid].start_ticks for pid in owned}
-        return sorted(pid for pid in owned if stats[pid].alive)
-
-    # -- plumbing ------------------------------------------------------------------------
-
-    def _scope(self, container_id: str, exec_id: str | None = None) -> _Container:
+    def _scope(self, container_id: str, exec_id: str | None = None) -> Container:
         if exec_id is not None and (container_id, exec_id) not in self._execs:
             raise ExecError(ErrorCode.NOT_FOUND, f"exec {container_id}/{exec_id} not found")
         container = self._containers.get(container_id)
