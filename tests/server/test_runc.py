@@ -242,3 +242,17 @@ def test_what_is_missing_is_named_with_the_packages(monkeypatch: pytest.MonkeyPa
     problem = _runtime.runc_problem()
     assert problem is not None
     assert re.search(r"runc and busybox: apt-get install runc busybox-static", problem)
+
+
+async def test_kill_in_a_paused_container_kills_and_close_deletes_it(
+    runtime: RuncRuntime,
+) -> None:
+    run = await start(runtime, "c1", "e1", "sleep", "100")
+    await runtime.pause("c1")
+    await asyncio.wait_for(run.proc.kill(), TIMEOUT)  # thaws the container to let it die
+    assert await run.wait() == 128 + signal.SIGKILL
+    other = await start(runtime, "c1", "e2", "sleep", "100")
+    await runtime.pause("c1")
+    await runtime.close()  # deletes the paused container: its processes go too
+    assert await other.wait() == 128 + signal.SIGKILL
+    assert containers(runtime.state_dir) == []

@@ -229,6 +229,13 @@ class RuncRuntime:
                 send_signal(pid, signal.SIGKILL)
             if not live and proc.exit_code is not None:
                 return
+            if entry is not None and entry.container.paused:
+                # A frozen process dies only once thawed, and runc freezes whole containers:
+                # killing an exec (the server shutting down) resumes its container.
+                log.info("%r: resuming its paused container to kill it", proc)
+                with contextlib.suppress(ExecError):
+                    await self._runc("resume", entry.container.container_id)
+                entry.container.paused = False
             if time.monotonic() > deadline:
                 log.warning("%r: processes alive %.0f s after SIGKILL", proc, _KILL_TIMEOUT)
                 return
@@ -457,6 +464,8 @@ class RuncRuntime:
             with contextlib.suppress(Exception):
                 await creating
         procs = [entry.proc for entry in self._execs.values()]
+        # Killed first, so that their exits are real ones (137), paused containers included.
+        await asyncio.gather(*(self.kill_exec(proc) for proc in procs), return_exceptions=True)
         for container in list(self._containers.values()):
             for entry in list(container.execs.values()):
                 self.release_exec(entry.proc)
