@@ -256,3 +256,20 @@ async def test_kill_in_a_paused_container_kills_and_close_deletes_it(
     await runtime.close()  # deletes the paused container: its processes go too
     assert await other.wait() == 128 + signal.SIGKILL
     assert containers(runtime.state_dir) == []
+
+
+async def test_signals_reach_the_command_of_a_tty_exec_and_its_exit_code(
+    runtime: RuncRuntime,
+) -> None:
+    script = "trap 'echo got-usr1' USR1; echo ready; while :; do sleep 0.05; done"
+    run = await start(runtime, "c1", "e1", "sh", "-c", script, tty=True)
+    await eventually(lambda: "ready" in run.stdout.text, "the shell")
+    runtime.signal("c1", signal.SIGUSR1, "e1")
+    await eventually(lambda: "got-usr1" in run.stdout.text, "USR1 at the command")
+    runtime.signal("c1", signal.SIGTERM)  # container-wide: the command, not the trampoline
+    assert await run.wait() == 128 + signal.SIGTERM
+    job = await start(
+        runtime, "c1", "e2", "sh", "-c", "set -m; sleep 0.1 & wait; echo job-ok", tty=True
+    )
+    assert await job.wait() == 0
+    assert "job-ok" in job.stdout.text  # job control: the terminal is the controlling one

@@ -24,7 +24,7 @@ from ..._errors import ErrorCode, ExecError
 from .._base import ExecSpec, OutputSink, ResourceSample
 from ..process._exec import ProcessExec
 from ..process._procfs import CLK_TCK, PAGE_SIZE, boot_seconds, read_io, read_stat
-from ..process._spawn import check_id, send_signal
+from ..process._spawn import Spawned, check_id, send_signal
 from ._bundle import (
     HOST_TRAMPOLINE,
     PACKAGES,
@@ -47,6 +47,32 @@ _MIN_CPU_WINDOW = 0.1
 
 class RuntimeUnavailable(OSError):
     """The runtime cannot run here; the message says what to install or change."""
+
+
+def _abandon(spawned: Spawned) -> None:
+    """Give up an exec before it was handed over: kill ``runc exec``, close our ends."""
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        spawned.popen.kill()
+        spawned.popen.wait(timeout=2)
+    fds = {spawned.stdin_fd, *(fd for fd, _, _ in spawned.outputs)}
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return bool(path.read_text().strip())
+    except OSError:
+        return False
+
+
+def _has_exited(pid: int) -> bool:
+    """Whether a child exited, without reaping it (its exec reaps it, for the status)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
 
 
 def runc_problem() -> str | None:
@@ -357,6 +383,19 @@ class RuncRuntime:
             argv = [*HOST_TRAMPOLINE, *argv, "--preserve-fds", "3"]
         argv.append(cid)
         spawned = spawn_runc_exec(argv, spec, stdout, stderr, passthrough=passthrough)
+        # runc writes the pid file a moment after the process started; until then nothing
+        # could find the exec's processes to signal.  Waited for before the output is read,
+        # so that the creator's cursor still starts at sequence 1 (PROTOCOL 6.3).
+        deadline = time.monotonic() + _START_TIMEOUT
+        try:
+            while not _exists(pid_file) and not _has_exited(spawned.popen.pid):
+                if time.monotonic() > deadline:
+                    log.warning("exec %s/%s: runc wrote no pid file", cid, exec_id)
+                    break
+                await asyncio.sleep(0.005)
+        except BaseException:
+            _abandon(spawned)  # cancelled: what is left goes with the container
+            raise
         proc = ProcessExec(
             self,
             asyncio.get_running_loop(),
