@@ -22,7 +22,16 @@ from ..process._stdio import grow_pipe, winsize
 from ._bundle import can_pass_through
 from ._cgroup import ContainerCgroup
 
-__all__ = ["Container", "ExecEntry", "reap_if_ours", "remove_empty", "spawn_runc_exec"]
+__all__ = [
+    "Container",
+    "ExecEntry",
+    "abandon",
+    "has_content",
+    "has_exited",
+    "reap_if_ours",
+    "remove_empty",
+    "spawn_runc_exec",
+]
 
 
 def remove_empty(groups: set[Path]) -> None:
@@ -117,6 +126,32 @@ def spawn_runc_exec(
     finally:
         for fd in child_fds:
             os.close(fd)
+
+
+def abandon(spawned: Spawned) -> None:
+    """Give up an exec before it was handed over: kill ``runc exec``, close our ends."""
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        spawned.popen.kill()
+        spawned.popen.wait(timeout=2)
+    fds = {spawned.stdin_fd, *(fd for fd, _, _ in spawned.outputs)}
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def has_content(path: Path) -> bool:
+    try:
+        return bool(path.read_text().strip())
+    except OSError:
+        return False
+
+
+def has_exited(pid: int) -> bool:
+    """Whether a child exited, without reaping it (its exec reaps it, for the status)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
 
 
 class Container:

@@ -24,7 +24,7 @@ from ..._errors import ErrorCode, ExecError
 from .._base import ExecSpec, OutputSink, ResourceSample
 from ..process._exec import ProcessExec
 from ..process._procfs import CLK_TCK, PAGE_SIZE, boot_seconds, read_io, read_stat
-from ..process._spawn import Spawned, check_id, send_signal
+from ..process._spawn import check_id, send_signal
 from ._bundle import (
     HOST_TRAMPOLINE,
     PACKAGES,
@@ -34,7 +34,16 @@ from ._bundle import (
     exec_process,
     find_tool,
 )
-from ._container import Container, ExecEntry, reap_if_ours, remove_empty, spawn_runc_exec
+from ._container import (
+    Container,
+    ExecEntry,
+    abandon,
+    has_content,
+    has_exited,
+    reap_if_ours,
+    remove_empty,
+    spawn_runc_exec,
+)
 
 __all__ = ["RuncRuntime", "RuntimeUnavailable", "runc_problem"]
 
@@ -47,32 +56,6 @@ _MIN_CPU_WINDOW = 0.1
 
 class RuntimeUnavailable(OSError):
     """The runtime cannot run here; the message says what to install or change."""
-
-
-def _abandon(spawned: Spawned) -> None:
-    """Give up an exec before it was handed over: kill ``runc exec``, close our ends."""
-    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-        spawned.popen.kill()
-        spawned.popen.wait(timeout=2)
-    fds = {spawned.stdin_fd, *(fd for fd, _, _ in spawned.outputs)}
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def _exists(path: Path) -> bool:
-    try:
-        return bool(path.read_text().strip())
-    except OSError:
-        return False
-
-
-def _has_exited(pid: int) -> bool:
-    """Whether a child exited, without reaping it (its exec reaps it, for the status)."""
-    try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
 
 
 def runc_problem() -> str | None:
@@ -388,13 +371,13 @@ class RuncRuntime:
         # so that the creator's cursor still starts at sequence 1 (PROTOCOL 6.3).
         deadline = time.monotonic() + _START_TIMEOUT
         try:
-            while not _exists(pid_file) and not _has_exited(spawned.popen.pid):
+            while not has_content(pid_file) and not has_exited(spawned.popen.pid):
                 if time.monotonic() > deadline:
                     log.warning("exec %s/%s: runc wrote no pid file", cid, exec_id)
                     break
                 await asyncio.sleep(0.005)
         except BaseException:
-            _abandon(spawned)  # cancelled: what is left goes with the container
+            abandon(spawned)  # cancelled: what is left goes with the container
             raise
         proc = ProcessExec(
             self,
