@@ -34,7 +34,15 @@ from ._cli_client import (  # noqa: E402
     add_global_options,
     apply_global_options,
 )
-from .server import BindError, ExecServer, Limits, ServerSettings, SettingError  # noqa: E402
+from .server import (  # noqa: E402
+    RUNTIMES,
+    BindError,
+    ExecServer,
+    Limits,
+    ServerSettings,
+    SettingError,
+)
+from .server.runtime.runc import RuntimeUnavailable  # noqa: E402
 
 __all__ = ["build_parser", "main"]
 
@@ -214,6 +222,20 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="seconds a client has to answer a ping before it is dropped (default %(default)s)",
     )
     p.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="process",
+        help="what runs the execs: host processes, or OCI containers with runc "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--rootfs",
+        type=Path,
+        default=None,
+        help="with --runtime runc: the root filesystem every container starts from, copied "
+        "per container (default: one assembled from busybox-static)",
+    )
+    p.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -249,6 +271,8 @@ async def _serve_async(args: argparse.Namespace) -> int:
         metrics_listen=args.metrics_listen,
         keepalive_time=args.keepalive_time,
         keepalive_timeout=args.keepalive_timeout,
+        runtime=args.runtime,
+        rootfs=args.rootfs,
     )
     server = ExecServer(settings)
     stop = asyncio.Event()
@@ -280,6 +304,9 @@ def _serve(args: argparse.Namespace) -> int:
         flag = "--" + error.setting.rpartition(".")[2].replace("_", "-")
         print(f"execstream serve: {flag}: {error.problem}", file=sys.stderr)
         return 2 if isinstance(error, SettingError) else 1
+    except RuntimeUnavailable as error:  # what to install, or a --rootfs that cannot work
+        print(f"execstream serve: {error}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as error:
         print(f"execstream serve: {error}", file=sys.stderr)
         return 1

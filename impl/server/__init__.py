@@ -9,7 +9,6 @@ from ._errors import ErrorCode, ExecError
 from ._executor import ExecHandle, Executor, TeeWriter
 from ._log import MAX_CHUNK, Chunk, Cursor, ExecLog, Read, SequencedLog, StorageBudget, Stream
 from ._metrics import ServerMetrics
-from ._process import ExecSpec, ProcessExec, ProcessRuntime, ResourceSample
 from ._registry import (
     ContainerRecord,
     EventLog,
@@ -21,6 +20,7 @@ from ._registry import (
 )
 from ._runner import ProcessRunner
 from ._server import (
+    RUNTIMES,
     BindError,
     ExecAttachable,
     ExecServer,
@@ -28,15 +28,27 @@ from ._server import (
     RetentionSweeper,
     ServerSettings,
     SettingError,
+    create_runtime,
     receive_options,
 )
 from ._service import STATUS_OF, ExecService, parse_signal
 from ._state import ExecEvent, ExecState, IllegalTransition
 from ._state_dir import StateDirInUse
 from ._storage import ChunkStorage, DirectoryArea, MemoryArea, StorageArea
+from .runtime import (
+    ExecSpec,
+    FakeRuntime,
+    OutputSink,
+    ProcessExec,
+    ProcessRuntime,
+    ResourceSample,
+    RunningExec,
+    Runtime,
+)
 
 __all__ = [
     "MAX_CHUNK",
+    "RUNTIMES",
     "STATUS_OF",
     "BindError",
     "Chunk",
@@ -58,11 +70,13 @@ __all__ = [
     "ExecSpec",
     "ExecState",
     "Executor",
+    "FakeRuntime",
     "IllegalTransition",
     "LifecycleEvent",
     "Limits",
     "ListenAddress",
     "MemoryArea",
+    "OutputSink",
     "ProcessExec",
     "ProcessRunner",
     "ProcessRuntime",
@@ -70,6 +84,8 @@ __all__ = [
     "Registry",
     "ResourceSample",
     "RetentionSweeper",
+    "RunningExec",
+    "Runtime",
     "SequencedLog",
     "ServerMetrics",
     "ServerSettings",
@@ -79,6 +95,7 @@ __all__ = [
     "StorageBudget",
     "Stream",
     "TeeWriter",
+    "create_runtime",
     "parse_signal",
     "receive_options",
 ]

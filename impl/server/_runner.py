@@ -1,8 +1,10 @@
-"""Runs execs created over the wire with the process runtime, through the executor API.
+"""Runs execs created over the wire with a runtime, through the executor API.
 
 The service asks a :class:`ProcessRunner` to create an exec (register, spawn, supervise
 until exit), to control containers (pause, resume, signal, usage) and to remove execs after
-retention.  An embedding engine that runs execs itself needs none of this: it uses the
+retention.  It knows runtimes only by their contract,
+:class:`~execstream.server.runtime.Runtime`.  An engine that runs execs itself needs none of
+this: it uses the
 :class:`~execstream.server.Executor` directly and serves without a runner.
 """
 
@@ -15,9 +17,9 @@ from collections.abc import Mapping, Sequence
 
 from ._errors import ErrorCode, ExecError
 from ._executor import ExecHandle, Executor
-from ._process import ExecSpec, ProcessExec, ProcessRuntime, ResourceSample
 from ._registry import ContainerRecord, ExecRecord
 from ._state import ExecState
+from .runtime import ExecSpec, ResourceSample, RunningExec, Runtime
 
 __all__ = ["ProcessRunner"]
 
@@ -25,10 +27,10 @@ log = logging.getLogger("execstream.server")
 
 
 class ProcessRunner:
-    def __init__(self, executor: Executor, runtime: ProcessRuntime) -> None:
+    def __init__(self, executor: Executor, runtime: Runtime) -> None:
         self.executor = executor
         self.runtime = runtime
-        self._procs: dict[tuple[str, str], ProcessExec] = {}
+        self._procs: dict[tuple[str, str], RunningExec] = {}
         self._supervisors: set[asyncio.Task[None]] = set()
 
     async def create(
@@ -78,7 +80,7 @@ class ProcessRunner:
         log.info("exec %s/%s started pid=%d: %s", container_id, exec_id, proc.pid, list(command))
         return handle.record
 
-    async def _supervise(self, handle: ExecHandle, proc: ProcessExec) -> None:
+    async def _supervise(self, handle: ExecHandle, proc: RunningExec) -> None:
         code = await proc.wait()
         handle.exit(code)
         log.info("exec %s/%s exited with %d", handle.container_id, handle.exec_id, code)

@@ -30,15 +30,18 @@ from execstream import wire
 from ._errors import SettingError
 from ._executor import Executor
 from ._metrics import MetricsEndpoint, ServerMetrics
-from ._process import ProcessRuntime
 from ._registry import ExecRecord, Limits, Registry
 from ._runner import ProcessRunner
 from ._service import ExecService
 from ._standard import HEALTH_SERVICE, HealthReporter, add_reflection
 from ._state_dir import StateDirLock
 from ._storage import DirectoryArea
+from .runtime import Runtime
+from .runtime.process import ProcessRuntime
+from .runtime.runc import RuncRuntime
 
 __all__ = [
+    "RUNTIMES",
     "BindError",
     "ExecAttachable",
     "ExecServer",
@@ -46,6 +49,7 @@ __all__ = [
     "RetentionSweeper",
     "ServerSettings",
     "SettingError",
+    "create_runtime",
     "receive_options",
 ]
 
@@ -150,8 +154,16 @@ class ServerSettings:
     #: within keepalive_timeout: a frozen client is noticed within about their sum.
     keepalive_time: float = 20.0
     keepalive_timeout: float = 10.0
+    #: What runs the execs: one of :data:`RUNTIMES`.
+    runtime: str = "process"
+    #: The root filesystem of runc containers; None: one assembled from busybox.
+    rootfs: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise SettingError(
+                "runtime", f"unknown runtime {self.runtime!r}: choose one of {', '.join(RUNTIMES)}"
+            )
         if self.retention < 0:
             raise SettingError("retention", f"must be >= 0 seconds, got {self.retention}")
         for name in ("cleanup_interval", "keepalive_time", "keepalive_timeout"):
@@ -295,6 +307,21 @@ def _claim_unix_path(path: str) -> None:
         except OSError as error:
             raise BindError("listen", f"unix:{path}: {error.strerror or error}") from None
     raise BindError("listen", f"unix:{path}: a server is listening on it")
+
+
+#: The runtimes ``ServerSettings.runtime`` (and ``execstream serve --runtime``) can name.
+RUNTIMES = ("process", "runc")
+
+
+def create_runtime(settings: ServerSettings, state_dir: Path) -> Runtime:
+    """The runtime ``settings.runtime`` names, keeping its state under ``state_dir``.
+
+    A runtime that cannot run here raises ``RuntimeUnavailable`` (an ``OSError``) saying
+    what to install.
+    """
+    if settings.runtime == "runc":
+        return RuncRuntime(state_dir, rootfs=settings.rootfs, drain_timeout=settings.drain_timeout)
+    return ProcessRuntime(state_dir, drain_timeout=settings.drain_timeout)
 
 
 class RetentionSweeper:
@@ -444,7 +471,10 @@ class ExecServer:
     in it), binds (:class:`BindError`) and serves.  A failed start leaves nothing behind.
     """
 
-    def __init__(self, settings: ServerSettings | None = None) -> None:
+    def __init__(
+        self, settings: ServerSettings | None = None, *, runtime: Runtime | None = None
+    ) -> None:
+        """``runtime`` replaces the one ``settings.runtime`` names (a test's fake)."""
         self.settings = settings or ServerSettings()
         self.settings.validate()
         self._listen = ListenAddress.parse(self.settings.listen)
@@ -452,7 +482,14 @@ class ExecServer:
         self.state_dir = self.settings.state_dir or Path(tempfile.mkdtemp(prefix="execstream-"))
         registry = Registry(self.settings.limits, storage=DirectoryArea(self.state_dir / "logs"))
         executor = Executor(registry)
-        self.runtime = ProcessRuntime(self.state_dir, drain_timeout=self.settings.drain_timeout)
+        if runtime is None:
+            try:
+                runtime = create_runtime(self.settings, self.state_dir)
+            except BaseException:
+                if self._own_state_dir:  # a failed start leaves nothing behind
+                    shutil.rmtree(self.state_dir, ignore_errors=True)
+                raise
+        self.runtime = runtime
         self.attachable = ExecAttachable(
             executor,
             runner=ProcessRunner(executor, self.runtime),

@@ -22,7 +22,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ._process import end_leftovers
+from .runtime.process import end_leftovers
 
 __all__ = ["StateDirInUse", "StateDirLock"]
 

@@ -13,18 +13,28 @@ from typing import Any
 
 from ._registry import Limits
 from ._server import ExecServer, ServerSettings
+from .runtime import Runtime
 
 __all__ = ["serve"]
 
 
 @contextlib.asynccontextmanager
-async def serve(*, limits: Limits | None = None, **settings: Any) -> AsyncIterator[ExecServer]:
-    """Start an :class:`ExecServer` on ``127.0.0.1:0`` (unless ``listen`` is given)."""
+async def serve(
+    *, limits: Limits | None = None, runtime: str | Runtime = "process", **settings: Any
+) -> AsyncIterator[ExecServer]:
+    """Start an :class:`ExecServer` on ``127.0.0.1:0`` (unless ``listen`` is given).
+
+    ``runtime`` is a runtime's name (``ServerSettings.runtime``) or a runtime object, such
+    as a :class:`~execstream.server.runtime.FakeRuntime`.
+    """
     fields = {f.name for f in dataclasses.fields(ServerSettings)}
     unknown = set(settings) - fields
     if unknown:
         raise TypeError(f"unknown server settings: {', '.join(sorted(unknown))}")
     settings.setdefault("listen", "127.0.0.1:0")
+    if isinstance(runtime, str):
+        settings["runtime"] = runtime
     config = ServerSettings(limits=limits or Limits(), **settings)
-    async with ExecServer(config) as server:
+    instance = None if isinstance(runtime, str) else runtime
+    async with ExecServer(config, runtime=instance) as server:
         yield server

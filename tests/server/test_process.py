@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from execstream.server import _process
 from execstream.server._errors import ErrorCode, ExecError
-from execstream.server._process import ExecSpec, ProcessExec, ProcessRuntime
+from execstream.server.runtime import ExecSpec, ProcessExec, ProcessRuntime
+from execstream.server.runtime.process import _freezer, _procfs, _spawn, end_leftovers
 
 TIMEOUT = 10.0
 
@@ -271,7 +271,7 @@ async def test_env_and_working_dir(runtime: ProcessRuntime, tmp_path: Path) -> N
     )
     assert await run.wait() == 0
     line, cwd = run.stdout.text.splitlines()
-    assert line == f"b a r|{_process.BASE_PATH}|{container}|c1|x1|"
+    assert line == f"b a r|{_spawn.BASE_PATH}|{container}|c1|x1|"
     assert Path(cwd) == container / "sub"
 
     run = await start(runtime, ["pwd"], working_dir=str(tmp_path), env={"PATH": "/bin:/usr/bin"})
@@ -533,8 +533,8 @@ async def test_tty_through_the_python_trampoline(
     runtime: ProcessRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where util-linux ``setsid -c`` is missing, a Python trampoline sets the terminal."""
-    trampoline = (sys.executable, "-I", "-S", "-c", _process._CTTY_TRAMPOLINE)
-    monkeypatch.setattr(_process, "_ctty_prefix", lambda: trampoline)
+    trampoline = (sys.executable, "-I", "-S", "-c", _spawn.CTTY_TRAMPOLINE)
+    monkeypatch.setattr(_spawn, "ctty_prefix", lambda: trampoline)
     run = await start(runtime, ["sh", "-c", "stty size; exec tty"], tty=True, width=90, height=20)
     assert await run.wait() == 0
     size, tty = run.stdout.text.splitlines()
@@ -667,7 +667,7 @@ async def test_a_zombie_left_in_the_session_is_reaped(any_runtime: ProcessRuntim
 
 
 async def test_stale_freezer_groups_of_a_dead_server_are_removed(tmp_path: Path) -> None:
-    mount = _process._cgroup_mount("freezer")
+    mount = _procfs.cgroup_mount("freezer")
     if mount is None or not os.access(mount, os.W_OK):
         pytest.skip("no writable cgroup v1 freezer")
     stale = mount / "execstream" / "999999999.deadbeef"  # beyond pid_max: never alive
@@ -685,7 +685,7 @@ async def test_stale_freezer_groups_of_a_dead_server_are_removed(tmp_path: Path)
 
 async def test_processes_left_by_a_dead_server_are_killed(tmp_path: Path) -> None:
     """Nothing outlives its container, even when the server died without closing."""
-    mount = _process._cgroup_mount("freezer")
+    mount = _procfs.cgroup_mount("freezer")
     if mount is None or not os.access(mount, os.W_OK):
         pytest.skip("no writable cgroup v1 freezer")
     stale = mount / "execstream" / "999999998.deadbeef"  # beyond pid_max: never alive
@@ -694,7 +694,7 @@ async def test_processes_left_by_a_dead_server_are_killed(tmp_path: Path) -> Non
     try:
         (stale / "1" / "cgroup.procs").write_text(str(leftover.pid))
         (stale / "1" / "freezer.state").write_text("FROZEN")
-        _process._remove_stale_groups(mount / "execstream")
+        _freezer.remove_stale_groups(mount / "execstream")
         assert leftover.wait(timeout=10) == -signal.SIGKILL
         assert not stale.exists()
     finally:
@@ -803,15 +803,15 @@ def test_clean_server_signal_state_needs_no_trampoline() -> None:
     ignored = [
         signum
         for signum in signal.valid_signals()
-        if signum not in _process._RESTORED_BY_POPEN and signal.getsignal(signum) == signal.SIG_IGN
+        if signum not in _spawn.RESTORED_BY_POPEN and signal.getsignal(signum) == signal.SIG_IGN
     ]
     mask = signal.pthread_sigmask(signal.SIG_SETMASK, ())
     try:
         for signum in ignored:
             signal.signal(signum, signal.SIG_DFL)
-        assert _process._clean_signals_prefix() == ()
+        assert _spawn.clean_signals_prefix() == ()
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        assert _process._clean_signals_prefix() != ()
+        assert _spawn.clean_signals_prefix() != ()
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
     finally:
         for signum in ignored:
@@ -845,10 +845,10 @@ async def test_end_leftovers_kills_the_processes_of_a_dead_runtime(tmp_path: Pat
     await eventually(lambda: len(run.pids()) == 1, "the background pid")
     (background,) = run.pids()
     main = run.proc.pid
-    assert _process.end_leftovers(dead.token) >= 2
+    assert end_leftovers(dead.token) >= 2
 
     def alive(pid: int) -> bool:
-        stat = _process._read_stat(pid)
+        stat = _procfs.read_stat(pid)
         return stat is not None and stat.alive
 
     await eventually(lambda: not alive(background) and not alive(main), "the leftovers to die")

@@ -1,0 +1,159 @@
+"""Which processes belong to which exec, and reaping the orphans that are ours.
+
+See the package docstring ("Finding processes", "Reaping").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+from ._freezer import remove_stale_groups
+from ._procfs import ProcStat, cgroup_mount, read_stdio, read_tag, scan_proc
+from ._spawn import send_signal
+
+if TYPE_CHECKING:
+    from ._exec import ProcessExec
+    from ._freezer import Freezer
+
+__all__ = ["ProcessFinder", "end_leftovers"]
+
+#: Rounds of killing a dead runtime's processes: they may fork while being killed.
+_KILL_ROUNDS = 8
+
+
+def end_leftovers(token: str) -> int:
+    """Kill every process a runtime that died without ``close`` left behind (its
+    ``ProcessRuntime.token``), found by the ``EXECSTREAM_TAG`` it gave them and by its
+    freezer groups; returns how many processes were killed.  For a restart after a crash:
+    nothing outlives its container, even when its server did not."""
+    killed: set[int] = set()
+    prefix = f"{token}."
+    for _ in range(_KILL_ROUNDS):
+        fresh = [
+            pid
+            for pid, st in scan_proc().items()
+            if st.alive and pid not in killed and (read_tag(pid) or "").startswith(prefix)
+        ]
+        if not fresh:
+            break
+        for pid in fresh:
+            send_signal(pid, signal.SIGKILL)
+        killed.update(fresh)
+    mount = cgroup_mount("freezer")
+    if mount is not None and (mount / "execstream" / token).is_dir():
+        with contextlib.suppress(OSError):
+            remove_stale_groups(mount / "execstream")
+    return len(killed)
+
+
+class ProcessFinder:
+    """Attributes processes to execs: by freezer group, earlier scans, session, descent, the
+    ``EXECSTREAM_TAG`` marker and stdio, in that order; records what it found on each exec."""
+
+    def __init__(self) -> None:
+        #: Set once the runtime decided to use the freezer.
+        self.freezer: Freezer | None = None
+
+    def members(
+        self, stats: Mapping[int, ProcStat], execs: Iterable[ProcessExec]
+    ) -> dict[ProcessExec, set[int]]:
+        """Every process of each exec, zombies included; recorded for the next scans."""
+        execs = list(execs)
+        found: dict[ProcessExec, set[int]] = {proc: set() for proc in execs}
+        if not execs:
+            return found
+        owner: dict[int, ProcessExec] = {}
+        children: dict[int, list[int]] = {}
+        for st in stats.values():
+            children.setdefault(st.ppid, []).append(st.pid)
+
+        def claim(pid: int, proc: ProcessExec) -> None:
+            # A process's descendants belong to its exec.
+            stack = [pid]
+            while stack:
+                p = stack.pop()
+                if p not in owner:
+                    owner[p] = proc
+                    found[proc].add(p)
+                    stack.extend(children.get(p, ()))
+
+        freezer = self.freezer
+        if freezer is not None:
+            for proc in execs:
+                if proc.group is not None:
+                    for pid in freezer.procs(proc.group):
+                        if pid in stats:
+                            claim(pid, proc)
+        for proc in execs:
+            for pid, start in proc.known.items():
+                known = stats.get(pid)
+                if known is not None and known.start_ticks == start:
+                    claim(pid, proc)
+        sessions = {proc.pid: proc for proc in execs if proc.session_active}
+        tags = {proc.tag: proc for proc in execs} if freezer is None else {}
+        if sessions or tags:
+            floor = min(proc.start_ticks for proc in execs)
+            me = os.getpid()
+            for pid, st in stats.items():
+                if pid in owner or pid == me or st.start_ticks < floor or st.ppid == 2:
+                    continue
+                leader = sessions.get(st.session)
+                if leader is not None and st.start_ticks >= leader.start_ticks:
+                    claim(pid, leader)
+                elif tags and st.alive:
+                    if tagged := tags.get(read_tag(pid) or ""):
+                        claim(pid, tagged)
+                    elif (holder := self._stdio_holder(pid, execs)) is not None:
+                        claim(pid, holder)
+        present = {st.session for st in stats.values()}
+        for proc in execs:
+            proc.known = {pid: stats[pid].start_ticks for pid in found[proc]}
+            # Once its leader is reaped and no process is left in it, a session id may be
+            # reused by an unrelated process: stop matching on it.
+            if proc.exit_code is not None and proc.pid not in present:
+                proc.session_active = False
+        return found
+
+    @staticmethod
+    def _stdio_holder(pid: int, execs: Iterable[ProcessExec]) -> ProcessExec | None:
+        links = read_stdio(pid)
+        for proc in execs:
+            # A pts number is reused once closed everywhere: trust it only while ours is open.
+            if (not proc.tty or proc.terminal_open) and links & proc.stdio:
+                return proc
+        return None
+
+    def reap_orphans(self, stats: Mapping[int, ProcStat], execs: Iterable[ProcessExec]) -> None:
+        """Reap zombies re-parented to the server that belong to an exec, and only those."""
+        me = os.getpid()
+        known: dict[int, tuple[ProcessExec, int]] = {}
+        sessions: dict[int, ProcessExec] = {}
+        mains: set[int] = set()
+        for proc in execs:
+            if proc.exit_code is None:
+                mains.add(proc.pid)  # left to its pidfd: reaping it here would lose its status
+            for pid, start in proc.known.items():
+                known[pid] = (proc, start)
+            if proc.session_active:
+                sessions[proc.pid] = proc
+        for pid, st in stats.items():
+            if st.ppid != me or st.alive or pid in mains:
+                continue
+            owner: ProcessExec | None = None
+            if (entry := known.get(pid)) is not None and entry[1] == st.start_ticks:
+                owner = entry[0]
+            elif (leader := sessions.get(st.session)) and st.start_ticks >= leader.start_ticks:
+                owner = leader
+            if owner is None:
+                continue
+            try:
+                reaped, _, usage = os.wait4(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if reaped == pid:
+                owner.reaped.add(usage)
+                owner.known.pop(pid, None)

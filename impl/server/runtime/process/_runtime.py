@@ -1,0 +1,479 @@
+"""The process runtime itself: containers of processes, their control, usage and cleanup.
+
+See the package docstring for the theory of operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import secrets
+import shutil
+import signal
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from ..._errors import ErrorCode, ExecError
+from .._base import ExecSpec, OutputSink, ResourceSample
+from ._exec import ProcessExec
+from ._finder import ProcessFinder
+from ._freezer import Freezer
+from ._procfs import CLK_TCK, PAGE_SIZE, ProcStat, boot_seconds, memory_limit, read_io, scan_proc
+from ._spawn import become_subreaper, check_id, has_zombie_child, send_signal, start_process
+
+__all__ = ["ProcessRuntime"]
+
+log = logging.getLogger("execstream.server.process")
+
+_SWEEP_INTERVAL = 1.0
+_KILL_TIMEOUT = 5.0
+_STOP_TIMEOUT = 5.0
+_SIGNAL_ROUNDS = 8
+_MIN_CPU_WINDOW = 0.1
+# Failures of the server's own resources while spawning, not of the request.
+_OUT_OF_RESOURCES = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC, errno.EAGAIN}
+)
+
+
+class ProcessRuntime:
+    """Runs execs as processes, grouped in containers (a directory and a set of processes).
+
+    ``cgroup_freezer``: ``None`` uses the cgroup-v1 freezer where one is writable, else
+    signals; ``True`` requires it; ``False`` never uses it.  Decided on first use (see
+    :attr:`pause_method`).
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        drain_timeout: float = 2.0,
+        read_size: int = 65536,
+        cgroup_freezer: bool | None = None,
+    ) -> None:
+        if drain_timeout < 0 or read_size <= 0:
+            raise ValueError("drain_timeout must be >= 0 and read_size > 0")
+        self.state_dir = Path(state_dir)
+        self.drain_timeout = drain_timeout
+        self.read_size = read_size
+        self._want_freezer = cgroup_freezer
+        self._freezer: Freezer | None = None
+        self._finder = ProcessFinder()
+        self._set_up = False
+        self._token = f"{os.getpid()}.{secrets.token_hex(4)}"
+        self._serial = itertools.count(1)
+        self._execs: dict[tuple[str, str], ProcessExec] = {}
+        #: Released execs whose processes, zombies or cgroup are not gone yet.
+        self._graveyard: set[ProcessExec] = set()
+        self._paused: set[str] = set()
+        self._cpu_windows: dict[tuple[str, str | None], tuple[float, float]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def token(self) -> str:
+        """Marks this runtime's execs (``EXECSTREAM_TAG``); ``end_leftovers`` takes it."""
+        return self._token
+
+    @property
+    def pause_method(self) -> str:
+        """``"freezer"`` (cgroup v1) or ``"signals"`` (SIGSTOP/SIGCONT)."""
+        self._set_up_once()
+        return "freezer" if self._freezer is not None else "signals"
+
+    def container_dir(self, container_id: str) -> Path:
+        check_id("container_id", container_id)
+        return self.state_dir / "containers" / container_id
+
+    async def spawn(
+        self,
+        container_id: str,
+        exec_id: str,
+        spec: ExecSpec,
+        stdout: OutputSink,
+        stderr: OutputSink,
+    ) -> ProcessExec:
+        """Start ``spec`` as exec ``container_id/exec_id``; its output goes to the sinks.
+
+        On a TTY both streams are the terminal, written to ``stdout``.
+        """
+        loop = asyncio.get_running_loop()
+        if self._closed:
+            raise ExecError(ErrorCode.UNAVAILABLE, "the process runtime is closed")
+        check_id("exec_id", exec_id)
+        directory = self.container_dir(container_id)
+        if (container_id, exec_id) in self._execs:
+            raise ExecError(
+                ErrorCode.ALREADY_EXISTS, f"exec {container_id}/{exec_id} already exists"
+            )
+        if container_id in self._paused:
+            raise ExecError(ErrorCode.FAILED_PRECONDITION, f"container {container_id!r} is paused")
+        self._set_up_once()
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            spawned = start_process(
+                container_id,
+                exec_id,
+                spec,
+                stdout,
+                stderr,
+                directory,
+                tag=f"{self._token}.{next(self._serial)}",
+                freezer=self._freezer,
+            )
+            proc = ProcessExec(
+                self,
+                loop,
+                spawned,
+                container_id=container_id,
+                exec_id=exec_id,
+                spec=spec,
+                read_size=self.read_size,
+                drain_timeout=self.drain_timeout,
+            )
+        except (OSError, ValueError) as exc:
+            # PROTOCOL 3.7: a name the system refuses (ENAMETOOLONG, ELOOP, EACCES, ...) is
+            # the request's fault, never an internal error.
+            if not self._has_execs(container_id):
+                shutil.rmtree(directory, ignore_errors=True)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            code = ErrorCode.INVALID_ARGUMENT
+            if isinstance(exc, OSError) and exc.errno in _OUT_OF_RESOURCES:
+                code = ErrorCode.RESOURCE_EXHAUSTED  # PROTOCOL 13.1: the server ran out
+            raise ExecError(code, f"cannot start {spec.command[0][:200]!r}: {reason}") from exc
+        except BaseException:
+            if not self._has_execs(container_id):
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
+        self._execs[(container_id, exec_id)] = proc
+        self._ensure_sweeper(loop)
+        return proc
+
+    def processes_of(self, container_id: str) -> list[int]:
+        """Live pids of every process of the container (released stragglers included)."""
+        execs = [e for e in self._all_execs() if e.container_id == container_id]
+        if not execs:
+            return []
+        stats = scan_proc()
+        found = self._finder.members(stats, execs)
+        return sorted(pid for pids in found.values() for pid in pids if stats[pid].alive)
+
+    async def pause(self, container_id: str) -> None:
+        """PROTOCOL 10.1: stop every process of the container (see :attr:`pause_method`)."""
+        execs = self._scope(container_id)
+        if container_id in self._paused:
+            return
+        self._paused.add(container_id)
+        try:
+            if self._freezer is not None:
+                await self._freeze(container_id, execs)
+            else:
+                await self._stop(container_id, execs)
+        except BaseException:
+            self._paused.discard(container_id)
+            self._continue(execs)
+            raise
+
+    async def resume(self, container_id: str) -> None:
+        """PROTOCOL 10.2."""
+        execs = self._scope(container_id)
+        self._paused.discard(container_id)
+        self._continue(execs)
+
+    def signal(self, container_id: str, signum: int, exec_id: str | None = None) -> None:
+        """PROTOCOL 10.3: ``signum`` to every live process of the container or exec."""
+        execs = self._scope(container_id, exec_id)
+        try:
+            signal.Signals(signum)
+        except ValueError:
+            raise ExecError(ErrorCode.INVALID_ARGUMENT, f"unknown signal {signum}") from None
+        sent: set[int] = set()
+        # Rescan: a process may fork while its siblings are being signalled.
+        for _ in range(_SIGNAL_ROUNDS):
+            stats = scan_proc()
+            found = self._finder.members(stats, execs)
+            fresh = [p for ps in found.values() for p in ps if stats[p].alive and p not in sent]
+            if not fresh:
+                break
+            # Oldest first, so parents before children: a shell whose job died first could
+            # otherwise exit on its own before its signal arrives (exit 0, not 128 + N).
+            for pid in sorted(fresh, key=lambda pid: (stats[pid].start_ticks, pid)):
+                send_signal(pid, signum)
+            sent.update(fresh)
+        if signum == signal.SIGKILL and self._freezer is not None:
+            # A frozen v1 task dies only once thawed; all of these have SIGKILL pending.
+            for proc in execs:
+                if proc.group is not None:
+                    self._freezer.set_state(proc.group, "THAWED")
+
+    def usage(self, container_id: str, exec_id: str | None = None) -> ResourceSample:
+        """PROTOCOL 9.4, measured as the module docstring says."""
+        execs = self._scope(container_id, exec_id)
+        stats = scan_proc()
+        found = self._finder.members(stats, execs)
+        ticks = sum(proc.reaped.cpu_ticks for proc in execs)
+        read = sum(proc.reaped.read_bytes for proc in execs)
+        written = sum(proc.reaped.write_bytes for proc in execs)
+        rss = 0
+        live = []
+        for pids in found.values():
+            for pid in pids:
+                st = stats[pid]
+                ticks += st.cpu_ticks
+                if st.alive:
+                    live.append(pid)
+                    rss += st.rss_pages * PAGE_SIZE
+                    r, w = read_io(pid)
+                    read += r
+                    written += w
+        return ResourceSample(
+            cpu_percent=self._cpu_percent((container_id, exec_id), ticks, execs),
+            memory_bytes=rss,
+            memory_limit=memory_limit(min(live)) if live else 0,
+            io_read_bytes=read,
+            io_write_bytes=written,
+        )
+
+    async def remove_container(self, container_id: str) -> None:
+        """Release every exec of the container; its directory goes with the last one."""
+        for (owner, _), proc in list(self._execs.items()):
+            if owner == container_id:
+                self.release_exec(proc)
+
+    async def close(self) -> None:
+        """Kill everything still running, reap it, remove the container dirs.  Idempotent."""
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self._close())
+        # Shielded: a cancelled caller must not leave processes behind.
+        await asyncio.shield(self._closing)
+
+    # -- internals --
+
+    def _set_up_once(self) -> None:
+        if self._set_up:
+            return
+        self._set_up = True
+        become_subreaper()
+        if self._want_freezer is False:
+            return
+        try:
+            self._freezer = Freezer.create(self._token)
+            self._finder.freezer = self._freezer
+        except OSError as exc:
+            if self._want_freezer:
+                raise RuntimeError(f"the cgroup v1 freezer is not usable: {exc}") from exc
+            log.info("cgroup v1 freezer not usable (%s): pausing with SIGSTOP/SIGCONT", exc)
+
+    def _has_execs(self, container_id: str) -> bool:
+        return any(c == container_id for c, _ in self._execs)
+
+    def _all_execs(self) -> list[ProcessExec]:
+        return [*self._execs.values(), *self._graveyard]
+
+    def _scope(self, container_id: str, exec_id: str | None = None) -> list[ProcessExec]:
+        if exec_id is not None:
+            proc = self._execs.get((container_id, exec_id))
+            if proc is None:
+                raise ExecError(ErrorCode.NOT_FOUND, f"exec {container_id}/{exec_id} not found")
+            return [proc]
+        execs = [p for (c, _), p in self._execs.items() if c == container_id]
+        if not execs:
+            raise ExecError(ErrorCode.NOT_FOUND, f"container {container_id!r} not found")
+        return execs
+
+    def note_exit(self, proc: ProcessExec) -> None:
+        """:class:`ExecOwner`: the main process of ``proc`` was reaped."""
+        # Record the main process's descendants now, while they are alive and findable:
+        # re-parented and dead, an escaped one could no longer be told apart.
+        freezer, group = self._freezer, proc.group
+        if (
+            freezer is not None
+            and group is not None
+            and not proc.known
+            and not freezer.procs(group)
+            and not has_zombie_child()
+        ):
+            # Nothing of the exec is alive or unreaped: skip the scan (a cost per exit).
+            proc.session_active = False
+            return
+        try:
+            stats = scan_proc()
+            self._finder.members(stats, [proc])
+            self._finder.reap_orphans(stats, self._all_execs())
+        except OSError:
+            log.exception("scanning the processes of %s failed", proc.label)
+
+    def _kill_now(self, proc: ProcessExec) -> int:
+        """One round of SIGKILL to the live processes of ``proc``; how many there were."""
+        stats = scan_proc()
+        live = [pid for pid in self._finder.members(stats, [proc])[proc] if stats[pid].alive]
+        self._sigkill(proc, live)
+        return len(live)
+
+    def _sigkill(self, proc: ProcessExec, pids: Iterable[int]) -> None:
+        freezer, group = self._freezer, proc.group
+        if freezer is not None and group is not None:
+            freezer.set_state(group, "FROZEN")  # nothing forks while we kill
+        for pid in pids:
+            send_signal(pid, signal.SIGKILL)
+        if freezer is not None and group is not None:
+            freezer.set_state(group, "THAWED")  # a frozen v1 task dies only once thawed
+
+    async def kill_exec(self, proc: ProcessExec) -> None:
+        """:class:`ExecOwner`: what :meth:`ProcessExec.kill` does."""
+        deadline = time.monotonic() + _KILL_TIMEOUT
+        while self._kill_now(proc) or proc.exit_code is None:
+            if time.monotonic() > deadline:
+                log.warning("%s: processes still alive %.0f s after SIGKILL", proc, _KILL_TIMEOUT)
+                break
+            await asyncio.sleep(0.005)
+        self._finder.reap_orphans(scan_proc(), self._all_execs())
+
+    def release_exec(self, proc: ProcessExec) -> None:
+        """:class:`ExecOwner`: what :meth:`ProcessExec.release` does."""
+        if proc.released:
+            return
+        proc.released = True
+        key = (proc.container_id, proc.exec_id)
+        if self._execs.get(key) is proc:
+            del self._execs[key]
+        self._cpu_windows.pop(key, None)
+        try:
+            self._kill_now(proc)
+        finally:
+            proc.close_io(f"{proc.label} was released")
+            self._graveyard.add(proc)
+            if not self._has_execs(proc.container_id):
+                self._paused.discard(proc.container_id)
+                self._cpu_windows.pop((proc.container_id, None), None)
+                shutil.rmtree(self.container_dir(proc.container_id), ignore_errors=True)
+
+    def _ensure_sweeper(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = loop.create_task(self._sweep_loop(), name="execstream-process-sweep")
+
+    async def _sweep_loop(self) -> None:
+        while self._execs or self._graveyard:
+            await asyncio.sleep(_SWEEP_INTERVAL)
+            try:
+                # Off the loop thread: a scan costs ~15 us per process on the machine.
+                self._sweep(await asyncio.to_thread(scan_proc))
+            except Exception:
+                log.exception("the process sweep failed")
+
+    def _sweep(self, stats: Mapping[int, ProcStat] | None = None) -> None:
+        """Record escaped descendants, finish off released execs, reap orphans."""
+        execs = self._all_execs()
+        if not execs:
+            return
+        if stats is None:
+            stats = scan_proc()
+        found = self._finder.members(stats, execs)
+        for proc in list(self._graveyard):
+            pids = found[proc]
+            self._sigkill(proc, [pid for pid in pids if stats[pid].alive])
+            if proc.exit_code is None or pids:
+                continue
+            if proc.group is not None and self._freezer is not None:
+                if not self._freezer.remove(proc.group):
+                    continue
+                proc.group = None
+            self._graveyard.discard(proc)
+        self._finder.reap_orphans(stats, self._all_execs())
+
+    async def _freeze(self, container_id: str, execs: Sequence[ProcessExec]) -> None:
+        assert self._freezer is not None
+        freezer = self._freezer
+        groups = [proc.group for proc in execs if proc.group is not None]
+        for group in groups:
+            freezer.set_state(group, "FROZEN")
+        deadline = time.monotonic() + _STOP_TIMEOUT
+        while not all(freezer.state(group) in ("FROZEN", "") for group in groups):
+            if time.monotonic() > deadline:
+                raise ExecError(
+                    ErrorCode.UNAVAILABLE,
+                    f"the processes of container {container_id!r} did not freeze "
+                    f"within {_STOP_TIMEOUT:.0f} s",
+                )
+            await asyncio.sleep(0.002)
+
+    async def _stop(self, container_id: str, execs: Sequence[ProcessExec]) -> None:
+        deadline = time.monotonic() + _STOP_TIMEOUT
+        while True:
+            stats = scan_proc()
+            found = self._finder.members(stats, execs)
+            running = [
+                pid
+                for pids in found.values()
+                for pid in pids
+                if stats[pid].alive and stats[pid].state not in ("T", "t")
+            ]
+            if not running:
+                return
+            if time.monotonic() > deadline:
+                states = ", ".join(f"{pid} in state {stats[pid].state}" for pid in running)
+                raise ExecError(
+                    ErrorCode.UNAVAILABLE,
+                    f"processes of container {container_id!r} did not stop within "
+                    f"{_STOP_TIMEOUT:.0f} s: {states}",
+                )
+            for pid in running:
+                send_signal(pid, signal.SIGSTOP)
+            await asyncio.sleep(0.002)
+
+    def _continue(self, execs: Sequence[ProcessExec]) -> None:
+        if self._freezer is not None:
+            for proc in execs:
+                if proc.group is not None:
+                    self._freezer.set_state(proc.group, "THAWED")
+            return
+        stats = scan_proc()
+        for pids in self._finder.members(stats, execs).values():
+            for pid in pids:
+                if stats[pid].alive:
+                    send_signal(pid, signal.SIGCONT)
+
+    def _cpu_percent(
+        self, key: tuple[str, str | None], ticks: float, execs: Sequence[ProcessExec]
+    ) -> float:
+        now = time.monotonic()
+        previous = self._cpu_windows.get(key)
+        if previous is None:
+            start = min(proc.start_ticks for proc in execs) / CLK_TCK
+            window, used = boot_seconds() - start, ticks
+            self._cpu_windows[key] = (now, ticks)
+        else:
+            window, used = now - previous[0], ticks - previous[1]
+            if window >= _MIN_CPU_WINDOW:
+                self._cpu_windows[key] = (now, ticks)
+        if window <= 0:
+            return 0.0
+        return max(0.0, used / CLK_TCK / window * 100.0)
+
+    async def _close(self) -> None:
+        self._closed = True
+        for proc in list(self._execs.values()):
+            self.release_exec(proc)
+        deadline = time.monotonic() + _KILL_TIMEOUT
+        while self._graveyard:
+            self._sweep()
+            if not self._graveyard or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        if self._graveyard:
+            log.warning("processes of %s survived SIGKILL", sorted(map(repr, self._graveyard)))
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._freezer is not None and not self._graveyard:
+            self._freezer.close()
+        with contextlib.suppress(OSError):
+            (self.state_dir / "containers").rmdir()

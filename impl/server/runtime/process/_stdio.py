@@ -1,0 +1,191 @@
+"""An exec's standard streams: output read in large non-blocking reads, input queued in order.
+
+See the package docstring ("Draining").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import struct
+from collections import deque
+from collections.abc import Callable
+
+from ..._errors import ErrorCode, ExecError
+from .._base import OutputSink
+
+__all__ = ["PIPE_SIZE", "InputWriter", "OutputReader", "grow_pipe", "winsize"]
+
+log = logging.getLogger("execstream.server.process")
+
+PIPE_SIZE = 1 << 20
+
+
+def winsize(width: int, height: int) -> bytes:
+    return struct.pack("HHHH", height, width, 0, 0)
+
+
+def grow_pipe(fd: int) -> None:
+    # Larger pipes mean fewer, larger reads (the cost is per message, DESIGN "Engineering
+    # facts"); an unprivileged server may be refused beyond /proc/sys/fs/pipe-max-size.
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+
+
+class OutputReader:
+    """One output stream of an exec: every read goes to the sink as one write, unsplit."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fd: int,
+        sink: OutputSink,
+        read_size: int,
+        on_closed: Callable[[], None],
+        *,
+        owns_fd: bool,
+        label: str,
+    ) -> None:
+        self._loop = loop
+        self._fd = fd
+        self._sink = sink
+        self._read_size = read_size
+        self._on_closed = on_closed
+        self._owns_fd = owns_fd
+        self._label = label
+        self.open = True
+        loop.add_reader(fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        self._read_once()
+
+    def _read_once(self) -> bool:
+        """One read; False once nothing more is readable now."""
+        try:
+            data = os.read(self._fd, self._read_size)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            # A pty master reads EIO once no process holds the terminal: its end of file.
+            if exc.errno != errno.EIO:
+                log.warning("reading %s failed: %s", self._label, exc)
+            data = b""
+        if not data:
+            self.close()
+            return False
+        try:
+            self._sink.write(data)
+        except Exception:
+            log.exception("the output sink of %s failed", self._label)
+        return True
+
+    def finish(self) -> None:
+        """Bounded drain: deliver what the pipe holds now, then stop reading.
+
+        The read budget covers a full pipe, and no more: a writer that never stops is not
+        chased.
+        """
+        for _ in range(PIPE_SIZE // self._read_size + 2):
+            if not self.open or not self._read_once():
+                break
+        self.close()
+
+    def close(self) -> None:
+        if not self.open:
+            return
+        self.open = False
+        self._loop.remove_reader(self._fd)
+        if self._owns_fd:
+            os.close(self._fd)
+        self._on_closed()
+
+
+class InputWriter:
+    """An exec's standard input: writes go out in call order and never block the loop."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fd: int,
+        *,
+        owns_fd: bool,
+        eof_char: Callable[[], bytes] | None,
+    ) -> None:
+        self._loop = loop
+        self._fd = fd
+        self._owns_fd = owns_fd
+        self._eof_char = eof_char
+        self._queue: deque[tuple[memoryview, asyncio.Future[None] | None]] = deque()
+        self._watching = False
+        #: Why writes are refused, once they are.
+        self.refusal: str | None = None
+
+    def write(self, data: bytes) -> asyncio.Future[None]:
+        if self.refusal is not None:
+            raise ExecError(ErrorCode.FAILED_PRECONDITION, self.refusal)
+        done: asyncio.Future[None] = self._loop.create_future()
+        if not data:
+            done.set_result(None)
+            return done
+        self._queue.append((memoryview(data), done))
+        self._flush()
+        return done
+
+    def close(self, refusal: str) -> None:
+        """End of input after what is queued: EOF on a pipe, the EOF character on a TTY."""
+        if self.refusal is not None:
+            return
+        self.refusal = refusal
+        if self._eof_char is not None:
+            self._queue.append((memoryview(self._eof_char()), None))
+        self._flush()
+
+    def abort(self, refusal: str) -> None:
+        """Nothing more will be written: pending writes fail with ``refusal``."""
+        self.refusal = refusal
+        pending, self._queue = self._queue, deque()
+        for _, done in pending:
+            if done is not None and not done.done():
+                done.set_exception(ExecError(ErrorCode.FAILED_PRECONDITION, refusal))
+        self._stop_watching()
+        self._release_fd()
+
+    def _flush(self) -> None:
+        while self._queue:
+            view, done = self._queue[0]
+            try:
+                written = os.write(self._fd, view)
+            except BlockingIOError:
+                break
+            except OSError:
+                # EPIPE: nothing reads it any more; EIO: the terminal hung up.
+                self.abort("the process no longer reads its standard input")
+                return
+            if written < len(view):
+                self._queue[0] = (view[written:], done)
+                break
+            self._queue.popleft()
+            if done is not None and not done.done():
+                done.set_result(None)
+        if self._queue:
+            if not self._watching:
+                self._loop.add_writer(self._fd, self._flush)
+                self._watching = True
+            return
+        self._stop_watching()
+        if self.refusal is not None:
+            self._release_fd()
+
+    def _stop_watching(self) -> None:
+        if self._watching:
+            self._loop.remove_writer(self._fd)
+            self._watching = False
+
+    def _release_fd(self) -> None:
+        if self._owns_fd and self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
