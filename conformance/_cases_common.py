@@ -21,8 +21,10 @@ from execstream import wire
 from . import _protowire as pw
 from . import _workloads as w
 from ._case import Failure, Skip, case, expect, expect_equal
-from ._cases_session import expect_flow, expect_output, expect_rejected, expect_timestamps
-from ._context import WITHIN, CaseContext, Outcome, SessionClient, expect_code, gather_all
+from ._checks import expect_code, expect_flow, expect_output, expect_rejected, expect_timestamps
+from ._context import CaseContext, gather_all
+from ._recording import WITHIN, Outcome
+from ._session_client import SessionClient
 
 OK = grpc.StatusCode.OK
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT

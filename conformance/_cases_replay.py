@@ -14,16 +14,19 @@ from collections.abc import Callable
 import grpc
 
 from . import _workloads as w
-from ._case import Failure, Skip, case, expect, expect_equal
-from ._cases_session import (
+from ._case import Failure, case, expect, expect_equal
+from ._checks import (
     ROW_UNKNOWN,
+    expect_code,
     expect_contiguous,
     expect_flow,
     expect_output,
     expect_rejected,
     expect_same_chunks,
+    retention_settings,
 )
-from ._context import CaseContext, SessionClient, expect_code
+from ._context import CaseContext
+from ._session_client import SessionClient
 
 OK = grpc.StatusCode.OK
 
@@ -349,15 +352,6 @@ async def stalled_delays_nobody(ctx: CaseContext) -> None:
 # -- 11 Retention and cleanup --------------------------------------------------------------
 
 
-def _retention(ctx: CaseContext) -> tuple[float, float]:
-    retention, interval = ctx.target.retention, ctx.target.cleanup_interval
-    if retention is None or interval is None:
-        raise Skip("the target's retention is unknown: give --retention and --cleanup-interval")
-    if retention + interval > 60:
-        raise Skip(f"retention + sweep interval is {retention + interval:g} s (the suite waits 60)")
-    return retention, interval
-
-
 @case(
     "11.1",
     "attachable-during-retention",
@@ -365,7 +359,7 @@ def _retention(ctx: CaseContext) -> tuple[float, float]:
     needs=("retention",),
 )
 async def attachable_during_retention(ctx: CaseContext) -> None:
-    retention, _ = _retention(ctx)
+    retention, _ = retention_settings(ctx)
     c, e, first = await _finished_exec(ctx, 4)
     await asyncio.sleep(retention * 0.6)
     late = await (await ctx.attach(c, e)).finished()
@@ -384,7 +378,7 @@ async def attachable_during_retention(ctx: CaseContext) -> None:
     needs=("retention",),
 )
 async def removed_after_retention(ctx: CaseContext) -> None:
-    retention, interval = _retention(ctx)
+    retention, interval = retention_settings(ctx)
     c, e, _ = await _finished_exec(ctx, 2)
     await asyncio.sleep(retention + interval + 0.4 + 0.1 * (retention + interval))
     gone = await ctx.attach(c, e)
