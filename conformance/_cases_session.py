@@ -145,6 +145,7 @@ async def create_runs_argv(ctx: CaseContext) -> None:
     "creating an exec that is running fails with ALREADY_EXISTS and leaves it running",
     row=ROW_EXISTS,
     status="ALREADY_EXISTS",
+    needs=("create",),
 )
 async def create_existing_running(ctx: CaseContext) -> None:
     c, e = ctx.container_id(), ctx.exec_id()
@@ -163,6 +164,7 @@ async def create_existing_running(ctx: CaseContext) -> None:
     "creating an exec that exited and is retained fails with ALREADY_EXISTS",
     row=ROW_EXISTS,
     status="ALREADY_EXISTS",
+    needs=("create",),
 )
 async def create_existing_exited(ctx: CaseContext) -> None:
     c, e = ctx.container_id(), ctx.exec_id()
@@ -218,6 +220,7 @@ async def attach_ignores_create_fields(ctx: CaseContext) -> None:
     "creating an exec in a paused container fails with FAILED_PRECONDITION",
     row=ROW_PAUSED,
     status="FAILED_PRECONDITION",
+    needs=("create",),
 )
 async def create_in_paused(ctx: CaseContext) -> None:
     c = ctx.container_id()
@@ -252,6 +255,7 @@ async def _refused_then_free(
     "a working_dir that does not exist fails with INVALID_ARGUMENT and creates nothing",
     row=ROW_BAD_CREATE,
     status="INVALID_ARGUMENT",
+    needs=("create",),
 )
 async def missing_working_dir(ctx: CaseContext) -> None:
     missing = f"/nonexistent-{ctx.exec_id('dir')}"
@@ -266,6 +270,7 @@ async def missing_working_dir(ctx: CaseContext) -> None:
     "a command that cannot be executed fails with INVALID_ARGUMENT and creates nothing",
     row=ROW_BAD_CREATE,
     status="INVALID_ARGUMENT",
+    needs=("create",),
 )
 async def command_not_executable(ctx: CaseContext) -> None:
     name = f"no-such-command-{ctx.exec_id('cmd')}"
@@ -279,6 +284,7 @@ async def command_not_executable(ctx: CaseContext) -> None:
     "an env key that is empty or contains '=' or NUL fails with INVALID_ARGUMENT",
     row=ROW_BAD_CREATE,
     status="INVALID_ARGUMENT",
+    needs=("create",),
 )
 async def bad_env_key(ctx: CaseContext) -> None:
     for key in ("", "A=B", "NUL\0KEY"):
@@ -419,8 +425,9 @@ async def _isolation(ctx: CaseContext, how: str) -> None:
         expect_contiguous(client)
         expect_output(client, out, err)
         expect_equal(client.exit_code, 0, f"{client.label} exit code")
-    status = await ctx.status(c, e)
-    expect_equal((status.status, status.exit_code), ("exited", 0), "the exec's status")
+    status = await ctx.status_if_implemented(c, e)
+    if status is not None:
+        expect_equal((status.status, status.exit_code), ("exited", 0), "the exec's status")
 
 
 @case(
@@ -537,7 +544,9 @@ async def clients_at_different_times(ctx: CaseContext) -> None:
     creator = await ctx.create(c, e, w.interleaved(lines, 0.02, tail), half_close=True)
     await creator.until_chunks(5)
     second = await ctx.attach(c, e, label="second")
-    await creator.until_chunks(40)
+    # Mid-run; a server whose reads merge writes (or an exec that began before a driver's
+    # creator attached) may send fewer chunks, so the exit also ends the wait.
+    await creator.until(lambda: len(creator.chunks) >= 40 or creator.done, "40 chunks, or the end")
     third = await ctx.attach(c, e, label="third")
     await creator.completed()
     after = await ctx.attach(c, e, label="after-exit")

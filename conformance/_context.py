@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -22,7 +22,8 @@ import grpc.aio
 
 from execstream import wire
 
-from ._case import Case, Failure
+from ._case import Case, Failure, Skip
+from ._driver import ExecRequest
 from ._recording import OK, WITHIN, Outcome, brief, expect_code
 from ._session_client import SessionClient
 from ._subscription import Subscription
@@ -47,6 +48,8 @@ class CaseContext:
         self._created: list[tuple[str, str]] = []
         self._paused: set[str] = set()
         self._labels = 0
+        #: RPCs the target answered with UNIMPLEMENTED during the case, with the details.
+        self.unimplemented: dict[str, str] = {}
         self.channel = self.new_channel()
         self.stub = wire.ExecStub(self.channel)
 
@@ -58,6 +61,26 @@ class CaseContext:
 
     def log(self, line: str) -> None:
         self.lines.append(f"{time.monotonic() - self._began:7.3f} {line}")
+
+    def note_status(self, rpc: str, code: grpc.StatusCode, details: str) -> None:
+        """Every call's end passes here: an UNIMPLEMENTED RPC is remembered, so that the
+        runner fails the case when it checks that RPC and skips it when it only uses it."""
+        if code is grpc.StatusCode.UNIMPLEMENTED:
+            self.unimplemented.setdefault(rpc, details)
+
+    @contextlib.contextmanager
+    def calling(self, rpc: str) -> Iterator[None]:
+        """Around a raw call of ``rpc`` (not through the helpers below): its status is noted."""
+        try:
+            yield
+        except grpc.aio.AioRpcError as error:
+            self.note_status(rpc, error.code(), error.details() or "")
+            raise
+
+    @property
+    def over_wire(self) -> bool:
+        """Whether execs are created by ``Start{command}`` (else the target's driver)."""
+        return self.target.driver.over_wire
 
     # -- names --------------------------------------------------------------------------
 
@@ -105,6 +128,11 @@ class CaseContext:
         """Open a Session, send ``start`` (unless None) and read in the background.
 
         ``deadline`` is the call's gRPC deadline in seconds (default: the case's bound)."""
+        if start is not None and start.command and not self.over_wire:
+            raise Skip(
+                "creates an exec over the wire (Start with a command); the target's execs "
+                f"come from the driver {self.target.driver.name}"
+            )
         call = (stub or self.stub).Session(
             None,
             metadata=self.target.metadata if metadata is None else tuple(metadata),
@@ -156,12 +184,44 @@ class CaseContext:
         label: str = "creator",
         **fields: Any,
     ) -> SessionClient:
-        """Create an exec; the client stays open (for stdin) unless ``half_close``."""
-        start = self.start_message(container_id, exec_id, command, **fields)
+        """Create an exec and open its first client, which stays open (for stdin) unless
+        ``half_close``.  Over the wire that is one ``Start{command}``; with a driver, the
+        driver registers the exec and the client attaches (from sequence 1, so it sees every
+        chunk as the creator would)."""
+        if self.over_wire:
+            start = self.start_message(container_id, exec_id, command, **fields)
+        else:
+            start = await self._register(container_id, exec_id, command, **fields)
         client = await self.session(start, read=read, label=label)
         if half_close:
             await client.half_close()
         return client
+
+    async def _register(
+        self, container_id: str, exec_id: str, command: Sequence[str], **fields: Any
+    ) -> wire.Start:
+        """Have the driver register the exec; the ``Start`` that attaches to it."""
+        env = fields.pop("env", None) or {}
+        working_dir = fields.pop("working_dir", "") or ""
+        tty = bool(fields.pop("tty", False))
+        wire_only = sorted(set(fields) - {"session_id", "client_id"})
+        if wire_only:
+            raise Skip(
+                f"sets {', '.join(wire_only)} at create, which only Start{{command}} carries; "
+                f"the target's execs come from the driver {self.target.driver.name}"
+            )
+        request = ExecRequest(
+            container_id=container_id,
+            exec_id=exec_id,
+            command=tuple(command),
+            env=dict(env),
+            working_dir=working_dir,
+            tty=tty,
+        )
+        self.log(f"-> driver: register {container_id}/{exec_id} {list(command)!r}")
+        self._created.append((container_id, exec_id))
+        await self.target.driver.register(request)
+        return self.start_message(container_id, exec_id, **fields)
 
     async def run(
         self,
@@ -233,6 +293,7 @@ class CaseContext:
         except TimeoutError:
             raise Failure(f"{what} to answer within {within:g} s", "no answer") from None
         self.log(f"-> {what}: {result}")
+        self.note_status(what.split(" ", 1)[0], result.code, result.details)
         return result
 
     async def status_outcome(
@@ -251,6 +312,20 @@ class CaseContext:
     ) -> wire.ContainerStatusResponse:
         """ContainerStatus that must succeed."""
         result = await self.status_outcome(container_id, exec_id, usage=usage)
+        expect_code(result, OK, f"ContainerStatus of {container_id}/{exec_id or '-'}")
+        response: wire.ContainerStatusResponse = result.response
+        return response
+
+    async def status_if_implemented(
+        self, container_id: str, exec_id: str = ""
+    ) -> wire.ContainerStatusResponse | None:
+        """ContainerStatus as a helper of a case about another RPC: ``None`` when the target
+        does not implement it (the case then checks what Session alone shows)."""
+        result = await self.status_outcome(container_id, exec_id)
+        if result.code is grpc.StatusCode.UNIMPLEMENTED:
+            self.unimplemented.pop("ContainerStatus", None)
+            self.log("   ContainerStatus is not implemented: that check is left out")
+            return None
         expect_code(result, OK, f"ContainerStatus of {container_id}/{exec_id or '-'}")
         response: wire.ContainerStatusResponse = result.response
         return response
@@ -361,10 +436,12 @@ class CaseContext:
 
 
 async def gather_all(*awaitables: Awaitable[_T]) -> list[_T]:
-    """``asyncio.gather`` that cancels the rest when one fails."""
+    """``asyncio.gather`` that cancels the rest when one fails, and waits for them to end,
+    so that no task outlives the case (and no exception goes unretrieved)."""
     tasks = [asyncio.ensure_future(a) for a in awaitables]
     try:
         return list(await asyncio.gather(*tasks))
     finally:
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

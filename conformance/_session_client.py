@@ -117,7 +117,8 @@ class SessionClient:
             self._end(OK, "")
         except grpc.aio.AioRpcError as error:
             self._end(error.code(), error.details() or "")
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, grpc.aio.UsageError):
+            # Cancelled, or the case's channel closed under the reader: the suite ended it.
             self._end(grpc.StatusCode.CANCELLED, "cancelled by the suite")
 
     def _record(self, response: wire.SessionResponse) -> str:
@@ -141,6 +142,7 @@ class SessionClient:
         if self.code is None:
             self.code, self.details = code, details
             self.ctx.log(f"<- {self.label}: {self.describe()}")
+            self.ctx.note_status("Session", code, details)
         self._changes.done = True
         self._changes.notify()
 

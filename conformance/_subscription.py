@@ -82,13 +82,15 @@ class Subscription:
             self._end(OK, "")
         except grpc.aio.AioRpcError as error:
             self._end(error.code(), error.details() or "")
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, grpc.aio.UsageError):
+            # Cancelled, or the case's channel closed under the reader: the suite ended it.
             self._end(grpc.StatusCode.CANCELLED, "cancelled by the suite")
 
     def _end(self, code: grpc.StatusCode, details: str) -> None:
         if self.code is None:
             self.code, self.details = code, details
             self.ctx.log(f"<- {self.label}: {len(self.events)} events, status {code.name}")
+            self.ctx.note_status("ContainerLifecycle", code, details)
         self._changes.done = True
         self._changes.notify()
 

@@ -2,9 +2,10 @@
 
 The suite talks to the target only over the network (DESIGN: "the conformance suite talks to
 servers only over the network").  What it cannot learn over the wire it is told: the token,
-TLS, and the server settings some clauses depend on (retention and sweep interval, 11.1 and
-11.2; history bytes, 6.5; the stdin limit, 7.2; clients per exec, 13.1).  A setting left
-unknown (``None``) makes the cases that need it SKIP with a reason rather than guess.
+TLS, how its execs come to be (a driver, ``_driver``), and the server settings some clauses
+depend on (retention and sweep interval, 11.1 and 11.2; history bytes, 6.5; the stdin limit,
+7.2; clients per exec, 13.1).  A setting left unknown (``None``) makes the cases that need it
+SKIP with a reason rather than guess.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
+
+from ._driver import WIRE, Driver
 
 __all__ = ["CHANNEL_OPTIONS", "Target"]
 
@@ -47,6 +50,9 @@ class Target:
     max_clients_per_exec: int | None = 64
     #: Seconds to wait for the target to accept a connection before every case is an ERROR.
     connect_timeout: float = 10.0
+    #: How the suite obtains its execs: created over the wire (the default), or registered by
+    #: the engine through a driver (``_driver``).
+    driver: Driver = WIRE
 
     def __post_init__(self) -> None:
         if not self.address:
@@ -79,4 +85,6 @@ class Target:
             parts.append(f"retention {self.retention:g}s, sweep {self.cleanup_interval:g}s")
         else:
             parts.append("retention unknown")
+        if not self.driver.over_wire:
+            parts.append(f"execs from the driver {self.driver.name}")
         return ", ".join(parts)

@@ -1,0 +1,223 @@
+"""A tiny engine-style server: its execs are started by the engine, never by ``Start{command}``.
+
+This is the README's worked example of checking such a server through a driver.  It embeds
+the Exec service the way an engine does (``ExecAttachable`` on its own ``grpc.aio`` server,
+no runner: a ``Start`` with a command is answered ``NOT_FOUND``, PROTOCOL 3.2) and starts
+execs when asked on a control socket of its own, through the public executor API:
+``attachable.executor.register(...)``, ``handle.started(controls)``, ``handle.stdout.write``,
+``handle.exit(code)``.
+
+    python tests/conformance/engine_server.py --listen 127.0.0.1:50061 \\
+        --control /tmp/engine.sock --retention 5 --cleanup-interval 0.5
+    execstream conformance --target 127.0.0.1:50061 --retention 5 --cleanup-interval 0.5 \\
+        --driver-command 'python tests/conformance/engine_driver.py /tmp/engine.sock'
+
+``engine_driver.py`` is the driver command: it reads the ``EXECSTREAM_*`` variables the suite
+sets, asks the engine over the control socket, and exits 0 once the exec is registered, 1
+with the engine's message otherwise.  The engine runs commands with pipes (no TTY: a TTY exec is
+refused) and does not pause, resume or signal (those RPCs answer FAILED_PRECONDITION).
+
+``--fault`` makes the engine misbehave in one way, for the suite's self-tests: each fault
+must be caught by the case of the clause it breaks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: What ``--fault`` can break, and the clause it breaks.
+FAULTS = {
+    "exit-code-zero": "5.2: every exec reports exit code 0",
+    "drops-stderr": "4.3: stderr never reaches the clients",
+    "exit-before-output": "5.1: exit is sent as soon as the process ends, output not drained",
+    "ignores-env": "3.2: the exec runs without the env it was given",
+}
+
+
+@dataclass
+class _Pipes:
+    """:class:`ExecControls` of a piped process (PROTOCOL 7.1)."""
+
+    process: asyncio.subprocess.Process
+
+    async def write_stdin(self, data: bytes) -> None:
+        stdin = self.process.stdin
+        if stdin is None or stdin.is_closing():
+            return
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            stdin.write(data)
+            await stdin.drain()
+
+    def close_stdin(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+
+    def resize(self, width: int, height: int) -> None:
+        """Never called: the service refuses resize on a non-TTY exec (7.3)."""
+
+
+@dataclass
+class Engine:
+    """Starts execs through the executor API; a JSON line per request on the control socket."""
+
+    attachable: Any
+    faults: frozenset[str] = frozenset()
+    processes: set[asyncio.subprocess.Process] = field(default_factory=set)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def start_exec(self, request: dict[str, Any]) -> None:
+        if request.get("tty"):
+            raise ValueError("this engine runs no TTY execs")
+        command = [str(arg) for arg in request["command"]]
+        if not command:
+            raise ValueError("no command")
+        env = {**os.environ, **({} if "ignores-env" in self.faults else request.get("env", {}))}
+        handle = self.attachable.executor.register(request["container_id"], request["exec_id"])
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=request.get("working_dir") or None,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as error:
+            handle.unregister()
+            raise ValueError(f"cannot run {command[0]!r}: {error.strerror}") from None
+        self.processes.add(process)
+        handle.started(_Pipes(process))
+        task = asyncio.create_task(self._follow(handle, process))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _follow(self, handle: Any, process: asyncio.subprocess.Process) -> None:
+        async def pump(reader: asyncio.StreamReader | None, writer: Any) -> None:
+            while reader is not None and (data := await reader.read(65536)):
+                writer.write(data)
+
+        stderr = handle.stderr if "drops-stderr" not in self.faults else _Nowhere()
+        pumps = asyncio.gather(pump(process.stdout, handle.stdout), pump(process.stderr, stderr))
+        code = await process.wait()
+        if "exit-before-output" not in self.faults:
+            await pumps
+        self.processes.discard(process)
+        code = 128 - code if code < 0 else code  # killed by signal N: 128 + N (5.2)
+        handle.exit(0 if "exit-code-zero" in self.faults else code)
+        if "exit-before-output" in self.faults:
+            await pumps
+
+    async def serve_control(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            request = json.loads(await reader.readline())
+            await self.start_exec(request)
+            answer = "ok"
+        except Exception as error:  # the driver prints it; the engine goes on
+            answer = f"error: {error}"
+        writer.write(answer.encode() + b"\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    async def close(self) -> None:
+        for process in list(self.processes):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=5)
+
+
+class _Nowhere:
+    def write(self, data: bytes) -> None:
+        pass
+
+
+@contextlib.asynccontextmanager
+async def engine(
+    control: Path,
+    *,
+    listen: str = "127.0.0.1:0",
+    token: str | None = None,
+    retention: float = 300.0,
+    cleanup_interval: float = 30.0,
+    faults: frozenset[str] = frozenset(),
+) -> AsyncIterator[str]:
+    """Run the engine; yields the address its Exec service listens on."""
+    import grpc.aio
+
+    from execstream.server import ExecAttachable
+
+    unknown = faults - FAULTS.keys()
+    if unknown:
+        raise ValueError(f"unknown faults: {sorted(unknown)}")
+    attachable = ExecAttachable(token=token, retention=retention, cleanup_interval=cleanup_interval)
+    server = grpc.aio.server()
+    attachable.add_to_server(server)
+    port = server.add_insecure_port(listen)
+    the_engine = Engine(attachable, faults)
+    control_server = await asyncio.start_unix_server(the_engine.serve_control, path=str(control))
+    await server.start()
+    await attachable.start()
+    try:
+        yield f"{listen.rsplit(':', 1)[0]}:{port}"
+    finally:
+        control_server.close()
+        await the_engine.close()
+        await attachable.close()
+        await server.stop(1)
+        await control_server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            control.unlink()
+
+
+def driver_command(control: Path) -> str:
+    """The ``--driver-command`` that registers execs with the engine listening on ``control``
+    (``-S``: the driver needs nothing outside the standard library, and starts faster)."""
+    driver = Path(__file__).resolve().with_name("engine_driver.py")
+    return f"{sys.executable} -S {driver} {control}"
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    async with engine(
+        args.control,
+        listen=args.listen,
+        token=args.token,
+        retention=args.retention,
+        cleanup_interval=args.cleanup_interval,
+        faults=frozenset(args.fault),
+    ) as address:
+        print(f"listening on {address}, control socket {args.control}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--listen", default="127.0.0.1:50061")
+    parser.add_argument("--control", type=Path, required=True, help="the control socket")
+    parser.add_argument("--token")
+    parser.add_argument("--retention", type=float, default=300.0)
+    parser.add_argument("--cleanup-interval", type=float, default=30.0)
+    parser.add_argument("--fault", action="append", default=[], choices=sorted(FAULTS))
+    asyncio.run(_serve(parser.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

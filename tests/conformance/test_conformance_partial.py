@@ -1,0 +1,291 @@
+"""The suite reaches the servers it exists for: partial ones and engine-driven ones.
+
+* A Session-only server (every other RPC UNIMPLEMENTED) gets its Session cases checked and
+  passed, and each other RPC's cases FAIL with "X is not implemented"; no case of a clause
+  about Session fails for a helper RPC the server lacks.
+* An engine-style server (``engine_server.py``: execs registered through the executor API,
+  ``Start{command}`` answered NOT_FOUND) is checked through ``--driver-command``: its Session
+  cases pass, the cases about creation over the wire skip, and each fault injected into the
+  engine is caught by the case of the clause it breaks.
+* Hygiene: no task outlives its case, no exception goes unretrieved, a target that dies
+  mid-run and Ctrl-C end the run cleanly with ERROR verdicts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conformance_harness import CLEANUP_INTERVAL, TOKEN, SessionOnly, proxied
+from engine_server import FAULTS, driver_command, engine
+
+from execstream.conformance import CaseResult, Target, Verdict, run_suite, select
+from execstream.conformance._driver import CommandDriver
+from execstream.conformance._report import area_lines
+from execstream.server import ExecServer, ServerSettings
+
+#: The engine keeps exited execs this long: the suite attaches right after the driver
+#: returns, and a driver process can take a second to start on a loaded machine.
+ENGINE_RETENTION = 5.0
+
+#: Cases the engine cannot serve: it runs no TTY execs (its driver refuses them).
+ENGINE_NO_TTY = [
+    "session/3.3/terminal-size-in-ready",
+    "session/4.6",
+    "session/7.1/tty-eof-character",
+    "session/7.3",
+]
+
+
+def _report(results: list[CaseResult]) -> str:
+    return "\n".join(f"{r.verdict.value} {r.case.id}: {r.message[:300]}" for r in results)
+
+
+# -- a Session-only server -----------------------------------------------------------------
+
+
+async def test_a_session_only_server_passes_its_session_cases_and_fails_the_rest() -> None:
+    session = [
+        "session/3.1",
+        "session/3.3/client-session-id-echoed",
+        "session/3.5/cancelled-client",  # uses status as a helper: checks what Session shows
+        "session/5.1/every-client-gets-exit",
+        "session/6.1/replay-from-sequence",
+        "common/2.1/valid-ids-accepted",
+        "wire/1.3/published-client-runs-and-attaches",
+    ]
+    others = {
+        "status/9.1/unknown-not-found": "ContainerStatus",
+        "lifecycle/8.3/exec-without-container": "ContainerLifecycle",
+        "control/10.1/pause-unknown": "ContainerPause",
+        "control/10.2/resume-unknown": "ContainerResume",
+        "control/10.3/unknown-signal": "ContainerSignal",
+        "common/2.1/control-bad-container-id": "ContainerPause",
+        "wire/1.3/published-lifecycle-events": "ContainerLifecycle",
+    }
+    cases = select(include=[*session, *others])
+    async with proxied(SessionOnly) as target:
+        results = await run_suite(target, cases, jobs=6)
+    report = _report(results)
+    verdicts = {r.case.id: r for r in results}
+    for result in results:
+        if result.case.id in others:
+            rpc = others[result.case.id]
+            assert result.verdict is Verdict.FAIL, f"{result.case.id} should FAIL:\n{report}"
+            assert result.message == f"{rpc} is not implemented", report
+            assert "UNIMPLEMENTED" in result.seen
+        else:
+            assert result.verdict is Verdict.PASS, f"{result.case.id} should PASS:\n{report}"
+    assert verdicts["session/3.5/cancelled-client"].verdict is Verdict.PASS
+    lines = "\n".join(area_lines(results))
+    assert "control:" in lines and "ContainerPause, ContainerResume, ContainerSignal not" in lines
+    assert "session:" in lines and "failed" in lines
+
+
+async def test_a_helper_the_target_lacks_skips_a_case_about_another_rpc() -> None:
+    """Retention is about Session; a server without ContainerStatus cannot show 11.2's
+    "status NOT_FOUND after removal", so that case SKIPs with the reason, never FAILs."""
+    cases = select(include=["retention/11.2/removed-after-retention-and-sweep"])
+    async with proxied(SessionOnly) as target:
+        [result] = await run_suite(target, cases)
+    assert result.verdict is Verdict.SKIP, result.message
+    assert "ContainerStatus" in result.message and "helper" in result.message
+
+
+# -- an engine-driven server, checked through --driver-command ----------------------------
+
+
+@contextlib.contextmanager
+def _short_socket_dir() -> Iterator[Path]:
+    # A unix socket path is limited to 107 bytes: pytest's tmp_path can be longer.
+    with tempfile.TemporaryDirectory(prefix="es-engine-") as directory:
+        yield Path(directory)
+
+
+@contextlib.asynccontextmanager
+async def _engine(faults: frozenset[str] = frozenset()) -> AsyncIterator[Target]:
+    with _short_socket_dir() as directory:
+        control = directory / "control.sock"
+        async with engine(
+            control,
+            token=TOKEN,
+            retention=ENGINE_RETENTION,
+            cleanup_interval=CLEANUP_INTERVAL,
+            faults=faults,
+        ) as address:
+            yield Target(
+                address=address,
+                token=TOKEN,
+                retention=ENGINE_RETENTION,
+                cleanup_interval=CLEANUP_INTERVAL,
+                driver=CommandDriver(driver_command(control)),
+            )
+
+
+async def test_an_engine_driven_server_passes_its_session_cases_through_the_driver() -> None:
+    cases = select(
+        include=["session", "retention", "wire/1.3/published-client", "auth/12.1/basic"],
+        exclude=[
+            *ENGINE_NO_TTY,
+            "session/4.3/large-output-64mib",  # heavy, and no different under a driver
+            "session/5.3/bounded-drain",  # SHOULD: this engine drains without a bound
+        ],
+    )
+    async with _engine() as target:
+        results = await run_suite(target, cases, jobs=6)
+    report = _report(results)
+    creates = {r.case.id for r in results if "create" in r.case.needs}
+    assert creates, "the cases about creation over the wire are selected"
+    for result in results:
+        if result.case.id in creates or "terminal_size" in result.message:
+            assert result.verdict is Verdict.SKIP, f"{result.case.id} should SKIP:\n{report}"
+            assert "driver" in result.message
+        else:
+            assert result.verdict is Verdict.PASS, f"{result.case.id} should PASS:\n{report}"
+
+
+ENGINE_FAULTS = {
+    "exit-code-zero": ["session/5.2/exit-status", "session/5.2/killed-by-signal"],
+    "drops-stderr": ["session/4.3/clients-attached-at-different-times"],
+    "exit-before-output": ["session/5.1/output-right-before-exit"],
+    "ignores-env": ["session/3.2/create-runs-argv-with-env-and-working-dir"],
+}
+ENGINE_CONTROL = [
+    "session/3.1/second-start",
+    "session/3.2/attach-unknown",
+    "session/3.3/client-session-id-echoed",
+]
+
+
+def test_each_engine_fault_breaks_one_clause() -> None:
+    assert set(ENGINE_FAULTS) == set(FAULTS) and len(FAULTS) >= 3
+    for fault, case_ids in ENGINE_FAULTS.items():
+        assert {c.split("/")[1] for c in case_ids} <= {FAULTS[fault].split(":")[0]}, fault
+
+
+@pytest.mark.parametrize("fault", sorted(ENGINE_FAULTS))
+async def test_the_suite_catches_a_fault_of_an_engine_driven_server(fault: str) -> None:
+    expect_fail = ENGINE_FAULTS[fault]
+    cases = select(include=[*expect_fail, *ENGINE_CONTROL])
+    async with _engine(frozenset({fault})) as target:
+        results = await run_suite(target, cases, jobs=6)
+    report = _report(results)
+    verdicts = {r.case.id: r for r in results}
+    for case_id in expect_fail:
+        result = verdicts[case_id]
+        assert result.verdict is Verdict.FAIL, f"{case_id} should FAIL under {fault}:\n{report}"
+        assert result.expected and result.seen
+    for case_id in ENGINE_CONTROL:
+        assert verdicts[case_id].verdict is Verdict.PASS, f"{case_id} should PASS:\n{report}"
+
+
+async def test_a_failing_driver_is_an_error_of_the_harness_not_of_the_server() -> None:
+    cases = select(include=["session/5.2/exit-status"])
+    async with _engine() as healthy:
+        target = Target(
+            address=healthy.address,
+            token=TOKEN,
+            driver=CommandDriver("echo 'no engine here' >&2; exit 3"),
+        )
+        [result] = await run_suite(target, cases)
+    assert result.verdict is Verdict.ERROR
+    assert "driver command exited 3" in result.message and "no engine here" in result.message
+
+
+# -- hygiene -------------------------------------------------------------------------------
+
+
+async def test_no_task_outlives_its_case_and_no_exception_goes_unretrieved() -> None:
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: unretrieved.append(context))
+    try:
+        # Cases that fail mid-way with streams and gathered tasks open, against a server
+        # that cuts every client when one leaves.
+        from test_conformance_broken import EndsAllOnLeave
+
+        cases = select(include=["session/3.5", "session/5.1/output-right-before-exit"])
+        async with proxied(EndsAllOnLeave) as target:
+            results = await run_suite(target, cases, jobs=6)
+        assert any(r.verdict is Verdict.FAIL for r in results), _report(results)
+        for _ in range(3):  # let callbacks of ended calls run
+            await asyncio.sleep(0)
+        ours = [
+            t
+            for t in asyncio.all_tasks()
+            if t is not asyncio.current_task()
+            and "/conformance/_" in t.get_coro().cr_code.co_filename  # type: ignore[union-attr]
+        ]
+        assert not ours, f"tasks of the suite still running: {ours}"
+    finally:
+        loop.set_exception_handler(previous)
+    import gc
+
+    gc.collect()  # "exception was never retrieved" is reported when a task is collected
+    assert not unretrieved, [c.get("message") for c in unretrieved]
+
+
+async def test_a_target_that_dies_mid_run_gives_errors_not_failures() -> None:
+    server = ExecServer(
+        ServerSettings(listen="127.0.0.1:0", retention=2, cleanup_interval=0.5, token=TOKEN)
+    )
+    address = await server.start()
+    target = Target(address=address, token=TOKEN, connect_timeout=2)
+    cases = select(include=["session/3", "session/4.2", "session/5"], exclude=["session/5.3"])
+    stopping: list[asyncio.Task[None]] = []
+
+    def on_result(result: CaseResult) -> None:
+        if not stopping:  # the first result: the target goes away under the others
+            stopping.append(asyncio.create_task(server.close()))
+
+    began = time.monotonic()
+    try:
+        results = await run_suite(target, cases, jobs=6, on_result=on_result)
+    finally:
+        await server.close()
+    report = _report(results)
+    assert time.monotonic() - began < 120, report
+    assert not [r for r in results if r.verdict is Verdict.FAIL], report
+    errors = [r for r in results if r.verdict is Verdict.ERROR]
+    assert len(errors) >= len(cases) // 2, report
+    assert all("unreachable" in r.message or "shutting down" in r.message for r in errors), report
+
+
+def test_ctrl_c_ends_the_run_cleanly_with_error_verdicts() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "execstream", "conformance", "--case", "session", "--jobs", "4"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stdout is not None
+    try:
+        lines = []
+        for line in process.stdout:  # wait until cases are running and one has finished
+            lines.append(line)
+            if line.startswith(("PASS", "FAIL")):
+                break
+        process.send_signal(signal.SIGINT)
+        rest, errors = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    out = "".join(lines) + rest
+    assert process.returncode == 130, out + errors
+    assert "interrupted before the case finished" in out
+    assert out.splitlines()[-1].endswith("errors"), out
+    assert "Traceback" not in errors and "never retrieved" not in errors, errors
+    assert "interrupted" in errors
