@@ -190,6 +190,37 @@ def driver_command(control: Path) -> str:
     return f"{sys.executable} -S {driver} {control}"
 
 
+async def register(
+    *,
+    container_id: str,
+    exec_id: str,
+    command: list[str],
+    env: dict[str, str],
+    working_dir: str,
+    tty: bool,
+) -> None:
+    """The same driver in Python, for ``--driver engine_server:register``: the engine's
+    control socket is ``$ENGINE_CONTROL``."""
+    request = {
+        "container_id": container_id,
+        "exec_id": exec_id,
+        "command": command,
+        "env": env,
+        "working_dir": working_dir,
+        "tty": tty,
+    }
+    reader, writer = await asyncio.open_unix_connection(os.environ["ENGINE_CONTROL"])
+    try:
+        writer.write(json.dumps(request).encode() + b"\n")
+        await writer.drain()
+        answer = (await reader.readline()).decode().strip()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    if answer != "ok":
+        raise RuntimeError(answer or "the engine closed the connection")
+
+
 async def _serve(args: argparse.Namespace) -> None:
     async with engine(
         args.control,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,9 +114,11 @@ def _short_socket_dir() -> Iterator[Path]:
 
 
 @contextlib.asynccontextmanager
-async def _engine(faults: frozenset[str] = frozenset()) -> AsyncIterator[Target]:
+async def _engine(
+    faults: frozenset[str] = frozenset(), control: Path | None = None
+) -> AsyncIterator[Target]:
     with _short_socket_dir() as directory:
-        control = directory / "control.sock"
+        control = control or directory / "control.sock"
         async with engine(
             control,
             token=TOKEN,
@@ -289,3 +292,104 @@ def test_ctrl_c_ends_the_run_cleanly_with_error_verdicts() -> None:
     assert out.splitlines()[-1].endswith("errors"), out
     assert "Traceback" not in errors and "never retrieved" not in errors, errors
     assert "interrupted" in errors
+
+
+# -- the driver options, from the command line and the pytest plugin ----------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+@contextlib.contextmanager
+def _engine_process(*faults: str) -> Iterator[tuple[str, Path]]:
+    """``engine_server.py`` in a subprocess, as the README runs it: (address, control)."""
+    with _short_socket_dir() as directory:
+        control = directory / "control.sock"
+        extra = [arg for fault in faults for arg in ("--fault", fault)]
+        process = subprocess.Popen(
+            [sys.executable, str(HERE / "engine_server.py"), "--listen", "127.0.0.1:0",
+             "--control", str(control), "--retention", str(ENGINE_RETENTION),
+             "--cleanup-interval", str(CLEANUP_INTERVAL), *extra],
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            assert line.startswith("listening on "), line
+            yield line.split()[2].rstrip(","), control
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def test_the_readme_example_checks_an_engine_through_driver_command() -> None:
+    with _engine_process() as (address, control):
+        done = subprocess.run(
+            [sys.executable, "-m", "execstream", "conformance", "--target", address,
+             "--retention", str(ENGINE_RETENTION), "--cleanup-interval", str(CLEANUP_INTERVAL),
+             "--driver-command", f"{sys.executable} {HERE / 'engine_driver.py'} {control}",
+             "--case", "session/5.1", "session/5.2", "session/3.2", "status/9.1"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "execs from the driver command" in done.stdout
+    assert "SKIP   session/3.2/create-existing-running" in done.stdout
+    assert re.search(r"^  session:\s+\d+ passed, 0 failed, \d+ skipped$", done.stdout, re.M)
+    assert re.match(r"^\d+ passed, 0 failed, \d+ skipped$", done.stdout.splitlines()[-1])
+
+
+def test_the_pytest_plugin_takes_the_driver_options(tmp_path: Path) -> None:
+    with _engine_process("exit-code-zero") as (address, control):
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--pyargs",
+             "execstream.conformance", "-q", "--execstream-target", address,
+             "--execstream-driver-command", f"{sys.executable} {HERE / 'engine_driver.py'} "
+             f"{control}", "--execstream-case", "session/5.2", "--execstream-case",
+             "session/3.2/attach-unknown"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )  # fmt: skip
+    # The engine reports exit code 0 for everything: the two 5.2 cases fail, 3.2 passes.
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-2000:]
+    assert re.search(r"2 failed, 1 passed", done.stdout), done.stdout[-3000:]
+
+
+async def test_a_python_callable_drives_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from execstream.conformance._driver import CallableDriver
+
+    driver = CallableDriver.load("engine_server:register")
+    cases = select(include=["session/5.1/exit-last-then-ok", "session/6.1/replay-from-sequence"])
+    with _short_socket_dir() as directory:
+        control = directory / "control.sock"
+        monkeypatch.setenv("ENGINE_CONTROL", str(control))
+        async with _engine(control=control) as target:
+            target = Target(address=target.address, token=TOKEN, driver=driver)
+            results = await run_suite(target, cases)
+    assert [r.verdict for r in results] == [Verdict.PASS, Verdict.PASS], _report(results)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--driver-command", "true"], "a driver needs --target"),
+        (["--target", "127.0.0.1:1", "--driver-command", "true", "--driver", "m:f"], "not both"),
+        (["--target", "127.0.0.1:1", "--driver", "no_such_module_here:f"], "cannot import"),
+        (["--target", "127.0.0.1:1", "--driver", "os.path"], "module:callable"),
+    ],
+)
+def test_bad_driver_options_are_refused_before_connecting(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from execstream.conformance._cli import main
+
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
