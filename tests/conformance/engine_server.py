@@ -14,8 +14,8 @@ execs when asked on a control socket of its own, through the public executor API
 
 ``engine_driver.py`` is the driver command: it reads the ``EXECSTREAM_*`` variables the suite
 sets, asks the engine over the control socket, and exits 0 once the exec is registered, 1
-with the engine's message otherwise.  The engine runs commands with pipes (no TTY: a TTY exec is
-refused) and does not pause, resume or signal (those RPCs answer FAILED_PRECONDITION).
+with the engine's message otherwise.  The engine runs commands with pipes, or on a pseudo-terminal
+for a TTY exec, and does not pause, resume or signal (those RPCs answer FAILED_PRECONDITION).
 
 ``--fault`` makes the engine misbehave in one way, for the suite's self-tests: each fault
 must be caught by the case of the clause it breaks.
@@ -26,10 +26,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import signal
+import struct
 import sys
+import termios
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +69,38 @@ class _Pipes:
         """Never called: the service refuses resize on a non-TTY exec (7.3)."""
 
 
+def _set_size(fd: int, width: int, height: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+
+
+@dataclass
+class _Terminal:
+    """:class:`ExecControls` of a process on a pseudo-terminal (PROTOCOL 7.1, 7.3)."""
+
+    process: asyncio.subprocess.Process
+    master: int
+
+    async def write_stdin(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.master, view) :]
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+            except OSError:
+                return  # the terminal is gone: the process exited
+
+    def close_stdin(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self.master, b"\x04")  # the terminal's EOF character (7.1)
+
+    def resize(self, width: int, height: int) -> None:
+        # The process's session has the terminal as its controlling one, so the kernel
+        # sends SIGWINCH to its foreground group (7.3).
+        with contextlib.suppress(OSError):
+            _set_size(self.master, width, height)
+
+
 @dataclass
 class Engine:
     """Starts execs through the executor API; a JSON line per request on the control socket."""
@@ -76,47 +111,72 @@ class Engine:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start_exec(self, request: dict[str, Any]) -> None:
-        if request.get("tty"):
-            raise ValueError("this engine runs no TTY execs")
         command = [str(arg) for arg in request["command"]]
         if not command:
             raise ValueError("no command")
         env = {**os.environ, **({} if "ignores-env" in self.faults else request.get("env", {}))}
-        handle = self.attachable.executor.register(request["container_id"], request["exec_id"])
+        tty = bool(request.get("tty"))
+        handle = self.attachable.executor.register(
+            request["container_id"], request["exec_id"], tty=tty
+        )
+        master = slave = -1
+        if tty:
+            master, slave = os.openpty()
+            _set_size(slave, 80, 24)  # PROTOCOL 7.3: 80x24 unless Start says otherwise
+            os.set_blocking(master, False)
+            # setsid -c: a session of its own with the terminal as its controlling one.
+            command = ["setsid", "-c", *command]
         try:
             process = await asyncio.create_subprocess_exec(
                 *command,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+                stdin=slave if tty else asyncio.subprocess.PIPE,
+                stdout=slave if tty else asyncio.subprocess.PIPE,
+                stderr=slave if tty else asyncio.subprocess.PIPE,
                 cwd=request.get("working_dir") or None,
                 env=env,
-                start_new_session=True,
+                start_new_session=not tty,
             )
         except OSError as error:
             handle.unregister()
+            if tty:
+                os.close(master)
             raise ValueError(f"cannot run {command[0]!r}: {error.strerror}") from None
+        finally:
+            if tty:
+                os.close(slave)
         self.processes.add(process)
-        handle.started(_Pipes(process))
-        task = asyncio.create_task(self._follow(handle, process))
+        handle.started(_Terminal(process, master) if tty else _Pipes(process))
+        task = asyncio.create_task(self._follow(handle, process, master))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _follow(self, handle: Any, process: asyncio.subprocess.Process) -> None:
+    async def _follow(self, handle: Any, process: asyncio.subprocess.Process, master: int) -> None:
         async def pump(reader: asyncio.StreamReader | None, writer: Any) -> None:
             while reader is not None and (data := await reader.read(65536)):
                 writer.write(data)
 
         stderr = handle.stderr if "drops-stderr" not in self.faults else _Nowhere()
-        pumps = asyncio.gather(pump(process.stdout, handle.stdout), pump(process.stderr, stderr))
+        pumps: asyncio.Future[Any]
+        if master >= 0:
+            pumps = asyncio.ensure_future(_pump_terminal(master, handle.stdout))
+        else:
+            pumps = asyncio.gather(
+                pump(process.stdout, handle.stdout), pump(process.stderr, stderr)
+            )
         code = await process.wait()
         if "exit-before-output" not in self.faults:
-            await pumps
+            # Descendants may keep the output open: stop waiting after 2 s (5.3).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(pumps), 2)
         self.processes.discard(process)
         code = 128 - code if code < 0 else code  # killed by signal N: 128 + N (5.2)
         handle.exit(0 if "exit-code-zero" in self.faults else code)
-        if "exit-before-output" in self.faults:
-            await pumps
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(pumps, 2)
+        if master >= 0:
+            os.close(master)  # only now: the controls write to it until the exit
+        elif process.stdin is not None:
+            process.stdin.close()  # so that the process's transport closes with it
 
     async def serve_control(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -138,6 +198,28 @@ class Engine:
                 os.killpg(process.pid, signal.SIGKILL)
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=5)
+
+
+async def _pump_terminal(master: int, writer: Any) -> None:
+    """Read the terminal until it hangs up (EIO once every holder of it is gone)."""
+    loop = asyncio.get_running_loop()
+    readable = asyncio.Event()
+    loop.add_reader(master, readable.set)
+    try:
+        while True:
+            await readable.wait()
+            readable.clear()
+            try:
+                data = os.read(master, 65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            writer.write(data)
+    finally:
+        loop.remove_reader(master)
 
 
 class _Nowhere:

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 from conformance_harness import CLEANUP_INTERVAL, TOKEN, SessionOnly, proxied
 from engine_server import FAULTS, driver_command, engine
+from test_conformance_broken import EndsAllOnLeave
 
 from execstream.conformance import CaseResult, Target, Verdict, run_suite, select
 from execstream.conformance._driver import CommandDriver
@@ -38,14 +39,6 @@ from execstream.server import ExecServer, ServerSettings
 #: The engine keeps exited execs this long: the suite attaches right after the driver
 #: returns, and a driver process can take a second to start on a loaded machine.
 ENGINE_RETENTION = 5.0
-
-#: Cases the engine cannot serve: it runs no TTY execs (its driver refuses them).
-ENGINE_NO_TTY = [
-    "session/3.3/terminal-size-in-ready",
-    "session/4.6",
-    "session/7.1/tty-eof-character",
-    "session/7.3",
-]
 
 
 def _report(results: list[CaseResult]) -> str:
@@ -138,11 +131,7 @@ async def _engine(
 async def test_an_engine_driven_server_passes_its_session_cases_through_the_driver() -> None:
     cases = select(
         include=["session", "retention", "wire/1.3/published-client", "auth/12.1/basic"],
-        exclude=[
-            *ENGINE_NO_TTY,
-            "session/4.3/large-output-64mib",  # heavy, and no different under a driver
-            "session/5.3/bounded-drain",  # SHOULD: this engine drains without a bound
-        ],
+        exclude=["session/4.3/large-output-64mib"],  # heavy, and no different under a driver
     )
     async with _engine() as target:
         results = await run_suite(target, cases, jobs=6)
@@ -216,8 +205,6 @@ async def test_no_task_outlives_its_case_and_no_exception_goes_unretrieved() -> 
     try:
         # Cases that fail mid-way with streams and gathered tasks open, against a server
         # that cuts every client when one leaves.
-        from test_conformance_broken import EndsAllOnLeave
-
         cases = select(include=["session/3.5", "session/5.1/output-right-before-exit"])
         async with proxied(EndsAllOnLeave) as target:
             results = await run_suite(target, cases, jobs=6)
