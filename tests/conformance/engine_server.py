@@ -107,7 +107,7 @@ class Engine:
 
     attachable: Any
     faults: frozenset[str] = frozenset()
-    processes: set[asyncio.subprocess.Process] = field(default_factory=set)
+    groups: set[int] = field(default_factory=set)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start_exec(self, request: dict[str, Any]) -> None:
@@ -144,7 +144,7 @@ class Engine:
         finally:
             if tty:
                 os.close(slave)
-        self.processes.add(process)
+        self.groups.add(process.pid)  # its own session and process group
         handle.started(_Terminal(process, master) if tty else _Pipes(process))
         task = asyncio.create_task(self._follow(handle, process, master))
         self.tasks.add(task)
@@ -168,11 +168,11 @@ class Engine:
             # Descendants may keep the output open: stop waiting after 2 s (5.3).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(pumps), 2)
-        self.processes.discard(process)
         code = 128 - code if code < 0 else code  # killed by signal N: 128 + N (5.2)
         handle.exit(0 if "exit-code-zero" in self.faults else code)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(pumps, 2)
+        # Descendants holding the output live on until they end or the engine closes (it
+        # kills every process group it started): the pipes end with them.
+        await pumps
         if master >= 0:
             os.close(master)  # only now: the controls write to it until the exit
         elif process.stdin is not None:
@@ -193,9 +193,10 @@ class Engine:
         writer.close()
 
     async def close(self) -> None:
-        for process in list(self.processes):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+        # Every group it started, exited or not: descendants of an exited exec may live on.
+        for group in self.groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=5)
 
