@@ -527,12 +527,24 @@ async def _every_rpc(
     return outcomes
 
 
+def _not_implemented(ctx: CaseContext, name: str, code: grpc.StatusCode | None) -> bool:
+    """An RPC the target does not implement has no effect, with or without a token: there is
+    nothing for 12.1 to check (its own cases report it as not implemented)."""
+    if code is not grpc.StatusCode.UNIMPLEMENTED or name == "Session":
+        return False
+    ctx.unimplemented.pop(name.split(" ", 1)[0], None)
+    ctx.log(f"   {name} is not implemented: nothing to refuse")
+    return True
+
+
 async def _expect_refused(
     ctx: CaseContext, metadata: tuple[tuple[str, str], ...], how: str
 ) -> None:
     token = _token(ctx)
     for name, outcome in (await _every_rpc(ctx, metadata)).items():
         code, details = outcome.code, outcome.details
+        if _not_implemented(ctx, name, code):
+            continue
         expect(
             code is UNAUTHENTICATED,
             f"{name} {how}: UNAUTHENTICATED",
@@ -596,7 +608,8 @@ async def basic_any_user(ctx: CaseContext) -> None:
                 wire.ContainerStatusRequest(container_id=c), metadata=metadata, timeout=30
             ),
         )
-        expect_code(status, OK, f"ContainerStatus with Basic user {user!r}")
+        if not _not_implemented(ctx, "ContainerStatus", status.code):
+            expect_code(status, OK, f"ContainerStatus with Basic user {user!r}")
 
 
 @case(
@@ -635,10 +648,13 @@ async def refused_before_effect(ctx: CaseContext) -> None:
             ),
         ),
     ):
-        expect_code(await ctx.outcome(name, call), UNAUTHENTICATED, f"{name}, wrong token")
+        outcome = await ctx.outcome(name, call)
+        if not _not_implemented(ctx, name, outcome.code):
+            expect_code(outcome, UNAUTHENTICATED, f"{name}, wrong token")
     await asyncio.sleep(0.2)
-    status = await ctx.status(c, running.start.exec_id if running.start else "")
-    expect_equal(status.status, "running", "the exec's state after refused pause and KILL")
+    status = await ctx.status_if_implemented(c, running.start.exec_id if running.start else "")
+    if status is not None:
+        expect_equal(status.status, "running", "the exec's state after refused pause and KILL")
     expect(running.exit_code is None, "the exec still running", running.describe())
 
 

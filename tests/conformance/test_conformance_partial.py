@@ -86,6 +86,14 @@ async def test_a_session_only_server_passes_its_session_cases_and_fails_the_rest
     assert "session:" in lines and "failed" in lines
 
 
+async def test_auth_cases_check_the_rpcs_a_session_only_server_has() -> None:
+    """An RPC that is not implemented has no effect with or without a token: the 12.1 cases
+    check the token on what the server serves (Session) and pass."""
+    async with proxied(SessionOnly) as target:
+        results = await run_suite(target, select(include=["auth"]), jobs=4)
+    assert {r.verdict for r in results} == {Verdict.PASS}, _report(results)
+
+
 async def test_a_helper_the_target_lacks_skips_a_case_about_another_rpc() -> None:
     """Retention is about Session; a server without ContainerStatus cannot show 11.2's
     "status NOT_FOUND after removal", so that case SKIPs with the reason, never FAILs."""
