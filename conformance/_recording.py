@@ -79,5 +79,8 @@ class Changes:
             if remaining <= 0:
                 raise Failure(f"{what} within {within:g} s", seen())
             self._event.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the event is set, and the case would run on after Ctrl-C.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._event.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._event.wait()

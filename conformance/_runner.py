@@ -199,8 +199,10 @@ async def run_case(case: Case, target: Target) -> CaseResult:
     ctx = CaseContext(target, case)
     verdict, message, expected, seen = Verdict.PASS, "", "", ""
     try:
-        async with ctx:
-            await asyncio.wait_for(case.run(ctx), case.timeout)
+        # The case runs in this task (asyncio.timeout, not wait_for's inner task), so a
+        # cancellation reaches it directly and nothing it raises goes unretrieved.
+        async with ctx, asyncio.timeout(case.timeout):
+            await case.run(ctx)
     except Failure as failure:
         verdict, expected, seen = Verdict.FAIL, failure.expected, failure.seen
         message = str(failure)
