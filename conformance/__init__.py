@@ -7,7 +7,12 @@ Layers, each in its own module:
 * ``_case`` — what a case is (ID, level, one-line requirement, the 14.1 row it checks) and how
   it fails (:class:`Failure`: expected versus seen), skips, or hits a harness problem;
 * ``_target`` — the server under test and what the suite assumes of its settings;
-* ``_context`` — what a case works with: its own channel, fresh IDs, recorded streams, cleanup;
+* ``_driver`` — how the suite obtains its execs: ``Start{command}`` over the wire, or a
+  driver command or callable that has an engine register them;
+* ``_context`` — what a case works with: its own channel, fresh IDs, its execs, cleanup;
+* ``_recording``, ``_session_client``, ``_subscription`` — the recorded streams and calls a
+  case waits on; ``_checks`` — the checks cases share (case modules import these, never one
+  another);
 * ``_workloads`` and ``_protowire`` — the POSIX ``sh`` workloads with their expected bytes, and a
   published-fields-only protobuf codec for wire compatibility (1.3);
 * ``_cases_*`` — the cases, by section of the spec; ``_suite`` — all of them, and selection;

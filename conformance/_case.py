@@ -16,13 +16,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ._clauses import CLAUSES, Level, case_id
+from ._clauses import CLAUSES, Level, area_of, case_id
 
 if TYPE_CHECKING:
     from ._context import CaseContext
 
 __all__ = [
     "REGISTRY",
+    "RPCS_OF_AREA",
     "Case",
     "Failure",
     "HarnessError",
@@ -52,14 +53,42 @@ class Case:
     timeout: float = 90.0
     #: Heavy cases (many MiB, many processes) are started first and fewer at a time.
     heavy: bool = False
-    #: Settings of the target the case needs (``"retention"``, ``"token"``).
+    #: What the case needs of the target: settings (``"retention"``, ``"token"``), or
+    #: ``"create"``: it checks creation over the wire (``Start{command}``, 3.2), so it skips
+    #: when the target's execs come from a driver.
     needs: tuple[str, ...] = ()
+    #: The RPCs whose behaviour the case checks (default: those of its clause, see
+    #: :data:`RPCS_OF_AREA`); ``None`` for all it calls.  An RPC the target answers with
+    #: UNIMPLEMENTED fails the cases that check it and skips those that only use it as a helper.
+    checks_rpcs: tuple[str, ...] | None = ()
+
+    @property
+    def rpcs(self) -> tuple[str, ...] | None:
+        """The RPCs the case checks; ``None``: every RPC it calls."""
+        if self.checks_rpcs is None or self.checks_rpcs:
+            return self.checks_rpcs
+        return RPCS_OF_CLAUSE.get(self.clause) or RPCS_OF_AREA.get(area_of(self.clause))
 
     @property
     def clauses(self) -> tuple[str, ...]:
         """The clauses the case checks: its own, and 14.1 when it checks an error row."""
         return (self.clause, "14.1") if self.row else (self.clause,)
 
+
+#: The RPCs each area's cases check (PROTOCOL 3-7 and 11 are about Session, 8 lifecycle, ...);
+#: areas not listed (wire, common, auth, limits) check every RPC their cases call.
+RPCS_OF_AREA: dict[str, tuple[str, ...]] = {
+    "session": ("Session",),
+    "retention": ("Session",),
+    "lifecycle": ("ContainerLifecycle",),
+    "status": ("ContainerStatus",),
+    "control": ("ContainerPause", "ContainerResume", "ContainerSignal"),
+}
+RPCS_OF_CLAUSE: dict[str, tuple[str, ...]] = {
+    "10.1": ("ContainerPause",),
+    "10.2": ("ContainerResume",),
+    "10.3": ("ContainerSignal",),
+}
 
 #: Every case, in declaration order, filled by the case modules when they are imported.
 REGISTRY: dict[str, Case] = {}
@@ -76,6 +105,7 @@ def case(
     timeout: float = 90.0,
     heavy: bool = False,
     needs: tuple[str, ...] = (),
+    rpcs: tuple[str, ...] | None = (),
 ) -> Callable[[CaseFunction], CaseFunction]:
     """Declare the decorated function a case of ``clause`` named ``slug``."""
     identifier = case_id(clause, slug)
@@ -99,6 +129,7 @@ def case(
             timeout=timeout,
             heavy=heavy,
             needs=needs,
+            checks_rpcs=rpcs,
         )
         return run
 

@@ -18,8 +18,10 @@ from execstream import wire
 
 from . import _workloads as w
 from ._case import case, expect, expect_equal
-from ._cases_session import expect_flow, expect_timestamps
-from ._context import CaseContext, Outcome, SessionClient, expect_code
+from ._checks import expect_code, expect_flow, expect_timestamps
+from ._context import CaseContext
+from ._recording import Outcome
+from ._session_client import SessionClient
 
 OK = grpc.StatusCode.OK
 NOT_FOUND = grpc.StatusCode.NOT_FOUND

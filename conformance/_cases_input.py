@@ -13,7 +13,7 @@ from execstream import wire
 
 from . import _workloads as w
 from ._case import case, expect, expect_equal
-from ._cases_session import expect_flow, expect_output, expect_rejected
+from ._checks import expect_flow, expect_output, expect_rejected
 from ._context import CaseContext
 
 FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION

@@ -18,9 +18,9 @@ from execstream import wire
 
 from . import _workloads as w
 from ._case import Failure, case, expect, expect_equal
-from ._cases_replay import _retention
-from ._cases_session import expect_flow, expect_timestamps
-from ._context import CaseContext, Subscription, expect_code, gather_all
+from ._checks import expect_code, expect_flow, expect_timestamps, retention_settings
+from ._context import CaseContext, gather_all
+from ._subscription import Subscription
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -116,7 +116,7 @@ async def pause_resume_events(ctx: CaseContext) -> None:
     needs=("retention",),
 )
 async def removal_events(ctx: CaseContext) -> None:
-    retention, interval = _retention(ctx)
+    retention, interval = retention_settings(ctx)
     c, e = ctx.container_id(), ctx.exec_id()
     sub = await ctx.subscribe(c)
     expect_flow(await ctx.run(c, e, ["true"]))

@@ -18,110 +18,22 @@ from execstream import wire
 
 from . import _workloads as w
 from ._case import Failure, case, expect, expect_equal
+from ._checks import (
+    ROW_UNKNOWN,
+    expect_code,
+    expect_contiguous,
+    expect_flow,
+    expect_output,
+    expect_rejected,
+    expect_same_chunks,
+    expect_timestamps,
+)
 from ._clauses import Level
-from ._context import CaseContext, SessionClient, expect_code, gather_all
+from ._context import CaseContext, gather_all
+from ._session_client import SessionClient
 
 OK = grpc.StatusCode.OK
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
-
-# -- helpers shared with other case modules ------------------------------------------------
-
-
-def expect_flow(client: SessionClient) -> None:
-    """PROTOCOL 3.3 and 5.1: ready first, exit last and once, then status OK."""
-    expect(
-        client.ok and client.exit_code is not None,
-        f"{client.label}: exit, then status OK",
-        client.describe(),
-    )
-    expect(
-        bool(client.order) and client.order[0] == "ready",
-        f"{client.label}: ready as the first message",
-        client.describe(),
-    )
-    expect(
-        client.order[-1] == "exit" and client.order.count("exit") == 1,
-        f"{client.label}: exit as the last message, once",
-        client.describe(),
-    )
-
-
-def expect_contiguous(client: SessionClient, first: int = 1) -> None:
-    """PROTOCOL 4.2: sequences ``first``, ``first + 1``, ... with no gap."""
-    want = first
-    for chunk in client.chunks:
-        if chunk.sequence != want or chunk.gap_before:
-            raise Failure(
-                f"{client.label}: chunk #{want} (contiguous from #{first}, no gap)",
-                f"chunk #{chunk.sequence} gap_before {chunk.gap_before}: {client.describe()}",
-            )
-        want += 1
-
-
-def expect_output(client: SessionClient, out: bytes, err: bytes = b"") -> None:
-    """PROTOCOL 4.3: the concatenated stdout and stderr equal what the process wrote."""
-    for name, want in (("stdout", out), ("stderr", err)):
-        seen = client.stream(name)
-        if seen != want:
-            raise Failure(
-                f"{client.label}: {name} of {len(want)} bytes {_digest(want)} "
-                f"starting {want[:40]!r}",
-                f"{len(seen)} bytes {_digest(seen)} starting {seen[:40]!r}: {client.describe()}",
-            )
-
-
-def _digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
-
-
-def expect_same_chunks(clients: list[SessionClient]) -> None:
-    """PROTOCOL 4.3: a sequence number means the same stream, bytes and timestamp for all."""
-    first = clients[0]
-    by_sequence = {c.sequence: c for c in first.chunks}
-    for other in clients[1:]:
-        for chunk in other.chunks:
-            mine = by_sequence.get(chunk.sequence)
-            if mine is None:
-                continue
-            if (mine.stdout, mine.stderr, mine.timestamp) != (
-                chunk.stdout,
-                chunk.stderr,
-                chunk.timestamp,
-            ):
-                raise Failure(
-                    f"chunk #{chunk.sequence} identical for {first.label} and {other.label}",
-                    f"{first.label}: {_chunk(mine)}; {other.label}: {_chunk(chunk)}",
-                )
-
-
-def _chunk(chunk: wire.OutputChunk) -> str:
-    name = "stdout" if chunk.stdout is not None else "stderr"
-    data = (chunk.stdout if chunk.stdout is not None else chunk.stderr) or b""
-    return f"{name} {data[:30]!r} ({len(data)} B) timestamp {chunk.timestamp}"
-
-
-async def expect_rejected(
-    ctx: CaseContext,
-    client: SessionClient,
-    code: grpc.StatusCode,
-    what: str,
-    mention: str | None = None,
-) -> None:
-    """The stream must end with ``code`` and a message (2.2), naming ``mention`` if given."""
-    await client.finished()
-    expect(
-        client.code is code,
-        f"{what}: the stream ends with {code.name}",
-        client.describe(),
-    )
-    expect(bool(client.details.strip()), f"{what}: a message saying what was wrong", "none")
-    if mention is not None:
-        expect(
-            mention.lower() in client.details.lower(),
-            f"{what}: a message naming {mention!r}",
-            repr(client.details),
-        )
-
 
 # -- 3.1 First message ---------------------------------------------------------------------
 
@@ -204,7 +116,6 @@ async def second_start(ctx: CaseContext) -> None:
 # -- 3.2 Create or attach ------------------------------------------------------------------
 
 ROW_EXISTS = "Session: create of an existing exec"
-ROW_UNKNOWN = "Session: attach to an unknown or removed exec"
 ROW_PAUSED = "Session: create in a paused container"
 ROW_BAD_CREATE = "Session: `working_dir` missing, command not executable, bad `env` key"
 
@@ -234,6 +145,7 @@ async def create_runs_argv(ctx: CaseContext) -> None:
     "creating an exec that is running fails with ALREADY_EXISTS and leaves it running",
     row=ROW_EXISTS,
     status="ALREADY_EXISTS",
+    needs=("create",),
 )
 async def create_existing_running(ctx: CaseContext) -> None:
     c, e = ctx.container_id(), ctx.exec_id()
@@ -252,6 +164,7 @@ async def create_existing_running(ctx: CaseContext) -> None:
     "creating an exec that exited and is retained fails with ALREADY_EXISTS",
     row=ROW_EXISTS,
     status="ALREADY_EXISTS",
+    needs=("create",),
 )
 async def create_existing_exited(ctx: CaseContext) -> None:
     c, e = ctx.container_id(), ctx.exec_id()
@@ -334,6 +247,7 @@ async def attach_ignores_create_fields(ctx: CaseContext) -> None:
     "creating an exec in a paused container fails with FAILED_PRECONDITION",
     row=ROW_PAUSED,
     status="FAILED_PRECONDITION",
+    needs=("create",),
 )
 async def create_in_paused(ctx: CaseContext) -> None:
     c = ctx.container_id()
@@ -368,6 +282,7 @@ async def _refused_then_free(
     "a working_dir that does not exist fails with INVALID_ARGUMENT and creates nothing",
     row=ROW_BAD_CREATE,
     status="INVALID_ARGUMENT",
+    needs=("create",),
 )
 async def missing_working_dir(ctx: CaseContext) -> None:
     missing = f"/nonexistent-{ctx.exec_id('dir')}"
@@ -382,6 +297,7 @@ async def missing_working_dir(ctx: CaseContext) -> None:
     "a command that cannot be executed fails with INVALID_ARGUMENT and creates nothing",
     row=ROW_BAD_CREATE,
     status="INVALID_ARGUMENT",
+    needs=("create",),
 )
 async def command_not_executable(ctx: CaseContext) -> None:
     name = f"no-such-command-{ctx.exec_id('cmd')}"
@@ -395,6 +311,7 @@ async def command_not_executable(ctx: CaseContext) -> None:
     "an env key that is empty or contains '=' or NUL fails with INVALID_ARGUMENT",
     row=ROW_BAD_CREATE,
     status="INVALID_ARGUMENT",
+    needs=("create",),
 )
 async def bad_env_key(ctx: CaseContext) -> None:
     for key in ("", "A=B", "NUL\0KEY"):
@@ -535,8 +452,9 @@ async def _isolation(ctx: CaseContext, how: str) -> None:
         expect_contiguous(client)
         expect_output(client, out, err)
         expect_equal(client.exit_code, 0, f"{client.label} exit code")
-    status = await ctx.status(c, e)
-    expect_equal((status.status, status.exit_code), ("exited", 0), "the exec's status")
+    status = await ctx.status_if_implemented(c, e)
+    if status is not None:
+        expect_equal((status.status, status.exit_code), ("exited", 0), "the exec's status")
 
 
 @case(
@@ -651,9 +569,13 @@ async def clients_at_different_times(ctx: CaseContext) -> None:
     out, err = w.interleaved_expected(lines)
     out, err = out + bytes(range(256)), err + bytes(range(256))
     creator = await ctx.create(c, e, w.interleaved(lines, 0.02, tail), half_close=True)
-    await creator.until_chunks(5)
+    # With a driver the exec may be done before its first client attached: then every
+    # client attaches after the exit, which the case checks as well.
+    await creator.until(lambda: len(creator.chunks) >= 5 or creator.done, "5 chunks, or the end")
     second = await ctx.attach(c, e, label="second")
-    await creator.until_chunks(40)
+    # Mid-run; a server whose reads merge writes (or an exec that began before a driver's
+    # creator attached) may send fewer chunks, so the exit also ends the wait.
+    await creator.until(lambda: len(creator.chunks) >= 40 or creator.done, "40 chunks, or the end")
     third = await ctx.attach(c, e, label="third")
     await creator.completed()
     after = await ctx.attach(c, e, label="after-exit")
@@ -811,21 +733,6 @@ async def chunk_timestamps(ctx: CaseContext) -> None:
         "chunks written 0.5 s apart carry timestamps about 5e8 ns apart",
         f"{stamps[-1] - stamps[0]} ns apart",
     )
-
-
-#: How far the target's clock may be from the suite's (a remote target); a unit error is not.
-CLOCK_SKEW_NS = 300 * 10**9
-
-
-def expect_timestamps(stamps: list[int], before: int, after: int, what: str) -> None:
-    """PROTOCOL 2.4: ns since the epoch, within the time the case ran (plus clock skew)."""
-    for stamp in stamps:
-        expect(
-            before - CLOCK_SKEW_NS <= stamp <= after + CLOCK_SKEW_NS,
-            f"{what} in nanoseconds since the epoch, between {before} and {after} "
-            f"(give or take {CLOCK_SKEW_NS // 10**9} s)",
-            stamp,
-        )
 
 
 @case(

@@ -75,6 +75,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="give up on an unreachable target after this long (default %(default)s)",
     )
+    driver = p.add_argument_group(
+        "how the suite obtains its execs (default: Start with a command, over the wire)"
+    )
+    driver.add_argument(
+        "--driver-command",
+        metavar="CMD",
+        help="run CMD through the shell to have the target register each exec "
+        "(EXECSTREAM_CONTAINER_ID, _EXEC_ID, _COMMAND, _ENV, _WORKING_DIR, _TTY in its "
+        "environment); it exits 0 once the exec is attachable",
+    )
+    driver.add_argument(
+        "--driver",
+        metavar="MODULE:CALLABLE",
+        help="the same in Python: an async callable taking container_id, exec_id, command, "
+        "env, working_dir, tty",
+    )
     settings = p.add_argument_group("what the suite assumes of the target's settings")
     settings.add_argument(
         "--retention",
@@ -186,8 +202,19 @@ def _run(args: argparse.Namespace) -> int:
     if (args.cert is None) != (args.key is None) or (args.cert is not None and not args.tls):
         print("execstream conformance: --cert and --key go together, with --tls", file=sys.stderr)
         return 2
+    if args.target is None and (args.driver_command or args.driver):
+        print(
+            "execstream conformance: a driver needs --target (the engine it drives)",
+            file=sys.stderr,
+        )
+        return 2
     if args.target is None and args.tls:
         print("execstream conformance: --tls needs --target", file=sys.stderr)
+        return 2
+    if args.driver_command and args.driver:
+        print(
+            "execstream conformance: give --driver-command or --driver, not both", file=sys.stderr
+        )
         return 2
     from ._target import MIN_OUTPUT_LIMIT
 
@@ -210,9 +237,17 @@ def _run(args: argparse.Namespace) -> int:
     if not cases:
         print("execstream conformance: no case selected", file=sys.stderr)
         return 2
+    from ._driver import driver_from_options
+
+    try:
+        args.driver_object = driver_from_options(args.driver_command, args.driver)
+    except ValueError as error:
+        print(f"execstream conformance: {error}", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(_check(args, [c.id for c in cases]))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C, while the first one's cleanup ran
+        print("execstream conformance: interrupted", file=sys.stderr)
         return 130
 
 
@@ -235,6 +270,7 @@ def _target_from(args: argparse.Namespace, address: str, **overrides: Any) -> Ta
         "max_clients_per_exec": args.max_clients_per_exec or None,
         "max_execs_per_container": args.max_execs_per_container or None,
         "connect_timeout": args.connect_timeout,
+        "driver": args.driver_object,
     }
     fields.update(overrides)
     return Target(**fields)
@@ -273,6 +309,7 @@ async def _check(args: argparse.Namespace, case_ids: list[str]) -> int:
 async def _check_target(args: argparse.Namespace, target: Target, case_ids: list[str]) -> int:
     from ._case import REGISTRY
     from ._report import (
+        area_lines,
         case_line,
         exit_status,
         failure_lines,
@@ -281,7 +318,7 @@ async def _check_target(args: argparse.Namespace, target: Target, case_ids: list
         skip_lines,
         summary,
     )
-    from ._runner import run_suite
+    from ._runner import SuiteInterrupted, run_suite
 
     cases = [REGISTRY[i] for i in case_ids]
     print(f"checking {target.describe()}: {len(cases)} cases, {args.jobs} at a time", flush=True)
@@ -293,13 +330,22 @@ async def _check_target(args: argparse.Namespace, target: Target, case_ids: list
         print("\n".join(lines), flush=True)
 
     began = time.monotonic()
-    results = await run_suite(target, cases, jobs=args.jobs, on_result=show)
+    interrupted = False
+    try:
+        results = await run_suite(target, cases, jobs=args.jobs, on_result=show)
+    except SuiteInterrupted as stop:
+        results, interrupted = stop.results, True
     seconds = time.monotonic() - began
+    for line in area_lines(results):
+        print(line)
     print(summary(results), flush=True)
     if args.json is not None:
         args.json.write_text(json_report(results, target, seconds))
     if args.junit_xml is not None:
         args.junit_xml.write_text(junit_xml(results, target, seconds))
+    if interrupted:
+        print("execstream conformance: interrupted", file=sys.stderr)
+        return 130
     return exit_status(results)
 
 

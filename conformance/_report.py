@@ -18,6 +18,7 @@ from ._runner import CaseResult, Verdict
 from ._target import Target
 
 __all__ = [
+    "area_lines",
     "case_line",
     "exit_status",
     "failure_lines",
@@ -69,6 +70,26 @@ def summary(results: Sequence[CaseResult]) -> str:
     if counts[Verdict.ERROR]:
         text += f", {counts[Verdict.ERROR]} errors"
     return text
+
+
+def area_lines(results: Sequence[CaseResult]) -> list[str]:
+    """Per area (session, lifecycle, status, control, ...): its counts, and the RPCs the
+    target does not implement, so that a partial server's report says what it lacks."""
+    areas: dict[str, list[CaseResult]] = {}
+    for result in results:
+        areas.setdefault(result.case.id.split("/", 1)[0], []).append(result)
+    lines = []
+    for area, group in areas.items():
+        missing = sorted(
+            {
+                r.message.removesuffix(" is not implemented")
+                for r in group
+                if r.verdict is Verdict.FAIL and r.message.endswith(" is not implemented")
+            }
+        )
+        note = f" ({', '.join(missing)} not implemented)" if missing else ""
+        lines.append(f"  {area + ':':<11} {summary(group)}{note}")
+    return lines
 
 
 def exit_status(results: Sequence[CaseResult]) -> int:

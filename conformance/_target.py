@@ -2,9 +2,10 @@
 
 The suite talks to the target only over the network (DESIGN: "the conformance suite talks to
 servers only over the network").  What it cannot learn over the wire it is told: the token,
-TLS, and the server settings some clauses depend on (retention and sweep interval, 11.1 and
-11.2; the output limit, 6.5; the stdin limit, 7.2; clients per exec, 13.1).  A setting left
-unknown (``None``) makes the cases that need it SKIP with a reason rather than guess.
+TLS, how its execs come to be (a driver, ``_driver``), and the server settings some clauses
+depend on (retention and sweep interval, 11.1 and 11.2; the output limit, 6.5; the stdin limit,
+7.2; clients per exec, 13.1).  A setting left unknown (``None``) makes the cases that need it
+SKIP with a reason rather than guess.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
+from ._driver import WIRE, Driver
+
+__all__ = ["CHANNEL_OPTIONS", "DEFAULT_OUTPUT_LIMIT", "MIN_OUTPUT_LIMIT", "Target"]
+
 #: The smallest output limit the suite can check a target with (PROTOCOL 6.5).
 MIN_OUTPUT_LIMIT = 1024 * 1024
 #: The reference server's output limit, assumed when the target's is not given.
 DEFAULT_OUTPUT_LIMIT = 1024 * 1024 * 1024
-
-__all__ = ["CHANNEL_OPTIONS", "Target"]
 
 #: The suite accepts any message size, so that an oversized chunk is reported by the case that
 #: checks chunk sizes (4.4) instead of breaking every case with a client-side error.
@@ -57,6 +60,9 @@ class Target:
     max_execs_per_container: int | None = 128
     #: Seconds to wait for the target to accept a connection before every case is an ERROR.
     connect_timeout: float = 10.0
+    #: How the suite obtains its execs: created over the wire (the default), or registered by
+    #: the engine through a driver (``_driver``).
+    driver: Driver = WIRE
 
     def __post_init__(self) -> None:
         if not self.address:
@@ -95,4 +101,6 @@ class Target:
             parts.append(f"retention {self.retention:g}s, sweep {self.cleanup_interval:g}s")
         else:
             parts.append("retention unknown")
+        if not self.driver.over_wire:
+            parts.append(f"execs from the driver {self.driver.name}")
         return ", ".join(parts)

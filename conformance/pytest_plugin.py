@@ -3,11 +3,13 @@
     pip install 'execstream[pytest]'
     pytest --pyargs execstream.conformance --execstream-target HOST:PORT [--execstream-token T]
 
-runs every case as one pytest test (``execstream/conformance/test_conformance.py``,
-parametrized by case ID).  Verdicts map onto pytest's: PASS passes, FAIL fails with the
-clause, requirement, expected and seen (a SHOULD case's failure is reported as ``xfail``, as
-the CLI does not fail the run for it), SKIP skips with the reason, and ERROR — an unreachable
-target, a harness timeout — is raised as an error.  Without ``--execstream-target`` the
+(with ``--execstream-driver-command CMD`` or ``--execstream-driver MODULE:CALLABLE`` for an
+engine whose execs are not created over the wire) runs every case as one pytest test
+(``execstream/conformance/test_conformance.py``, parametrized by case ID).  Verdicts map onto
+pytest's: PASS passes, FAIL fails with the clause, requirement, expected and seen (a SHOULD
+case's failure is reported as ``xfail``, as the CLI does not fail the run for it), SKIP skips
+with the reason, and ERROR — an unreachable target, a harness timeout — is raised as an
+error.  Without ``--execstream-target`` the
 tests skip with a reason saying so (the CLI, ``execstream conformance``, is the way to check
 the embedded reference server).
 
@@ -105,6 +107,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="cases at once (default 6)",
     )
     group.addoption(
+        "--execstream-driver-command",
+        metavar="CMD",
+        help="run CMD to have the target register each exec (see `execstream conformance`)",
+    )
+    group.addoption(
+        "--execstream-driver",
+        metavar="MODULE:CALLABLE",
+        help="an async callable that has the target register each exec",
+    )
+    group.addoption(
         "--execstream-level",
         choices=["must", "should"],
         default="should",
@@ -131,9 +143,16 @@ def target_from_config(config: pytest.Config) -> Target | None:
     address = config.getoption("--execstream-target")
     if not address:
         return None
+    from ._driver import driver_from_options
     from ._target import Target
 
     ca = config.getoption("--execstream-ca")
+    try:
+        driver = driver_from_options(
+            config.getoption("--execstream-driver-command"), config.getoption("--execstream-driver")
+        )
+    except ValueError as error:
+        raise pytest.UsageError(str(error)) from None
     return Target(
         address=str(address),
         token=config.getoption("--execstream-token") or None,
@@ -149,6 +168,7 @@ def target_from_config(config: pytest.Config) -> Target | None:
         max_execs_per_container=int(config.getoption("--execstream-max-execs-per-container"))
         or None,
         connect_timeout=float(config.getoption("--execstream-connect-timeout")),
+        driver=driver,
     )
 
 

@@ -317,3 +317,42 @@ async def proxied(
 
 def chunk_of(response: wire.SessionResponse) -> wire.OutputChunk | None:
     return response.output_chunk
+
+
+class SessionOnly(MangleProxy):
+    """A partial server: Session only; every other RPC answers UNIMPLEMENTED, as the
+    servicer base class that grpcio's generated code gives a server does."""
+
+    @staticmethod
+    async def _unimplemented(context: _Ctx) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+
+    async def ContainerLifecycle(  # type: ignore[override]
+        self, request: wire.ContainerLifecycleRequest, context: _Ctx
+    ) -> AsyncIterator[wire.ContainerLifecycleEvent]:
+        await self._unimplemented(context)
+        yield wire.ContainerLifecycleEvent()  # never reached: makes this a generator
+
+    async def ContainerStatus(
+        self, request: wire.ContainerStatusRequest, context: _Ctx
+    ) -> wire.ContainerStatusResponse:
+        result: wire.ContainerStatusResponse = await self._unimplemented(context)
+        return result
+
+    async def ContainerPause(
+        self, request: wire.ContainerControlRequest, context: _Ctx
+    ) -> wire.ContainerControlResponse:
+        result: wire.ContainerControlResponse = await self._unimplemented(context)
+        return result
+
+    async def ContainerResume(
+        self, request: wire.ContainerControlRequest, context: _Ctx
+    ) -> wire.ContainerControlResponse:
+        result: wire.ContainerControlResponse = await self._unimplemented(context)
+        return result
+
+    async def ContainerSignal(
+        self, request: wire.ContainerSignalRequest, context: _Ctx
+    ) -> wire.ContainerControlResponse:
+        result: wire.ContainerControlResponse = await self._unimplemented(context)
+        return result

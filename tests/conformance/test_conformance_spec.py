@@ -175,3 +175,23 @@ def test_importing_the_plugin_loads_nothing_of_the_suite() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def _relative_imports(path: Path) -> set[str]:
+    """The suite's own modules ``path`` imports (``from ._x import``, ``from . import _x``)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                names.add(node.module)
+            else:
+                names.update(alias.name for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.glob("_cases_*.py")), ids=lambda p: p.name)
+def test_a_case_module_imports_helpers_never_another_case_module(path: Path) -> None:
+    """Each section's cases stand alone: shared checks live in ``_checks``, not in a case
+    module another one reaches into."""
+    cases = {name for name in _relative_imports(path) if name.startswith("_cases_")}
+    assert not cases, f"{path.name} imports the case modules {sorted(cases)}"
