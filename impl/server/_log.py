@@ -72,19 +72,36 @@ class Read(Generic[T]):
     next_sequence: int
 
 
-class SequencedLog(Generic[T]):
+class _Notifier:
+    """Plain callables told of every change; telling them never waits (PROTOCOL 6.6)."""
+
+    def __init__(self) -> None:
+        self._listeners: list[Listener] = []
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        self._listeners.remove(listener)
+
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            listener()
+
+
+class SequencedLog(_Notifier, Generic[T]):
     """Append-only, numbered from 1, bounded by ``budget`` in units of ``cost(item)``."""
 
     def __init__(self, budget: int, cost: Callable[[T], int]) -> None:
         if budget <= 0:
             raise ValueError(f"budget must be positive, got {budget}")
+        super().__init__()
         self._budget = budget
         self._cost = cost
         self._items: list[T] = []
         self._head = 0  # index in _items of the oldest retained item
         self._first = 1  # its sequence
         self._size = 0
-        self._listeners: list[Listener] = []
 
     @property
     def first_sequence(self) -> int:
@@ -99,16 +116,6 @@ class SequencedLog(Generic[T]):
     @property
     def retained_cost(self) -> int:
         return self._size
-
-    def add_listener(self, listener: Listener) -> None:
-        self._listeners.append(listener)
-
-    def remove_listener(self, listener: Listener) -> None:
-        self._listeners.remove(listener)
-
-    def _notify(self) -> None:
-        for listener in list(self._listeners):
-            listener()
 
     def _append(self, item: T) -> int:
         sequence = self.next_sequence
@@ -229,7 +236,7 @@ class StorageBudget:
         return False
 
 
-class ExecLog:
+class ExecLog(_Notifier):
     """One exec's output: chunks of at most ``MAX_CHUNK`` bytes in ``storage``, then the exit
     code; the newest chunks also in memory, within ``cache_bytes``.
 
@@ -254,6 +261,7 @@ class ExecLog:
             raise ValueError(
                 f"the output limit must be 0 (none) or at least {MIN_OUTPUT_LIMIT} bytes"
             )
+        super().__init__()
         self.name = name
         self._storage = storage
         self._max_output = max_output_bytes
@@ -271,7 +279,6 @@ class ExecLog:
         self._next = 1
         self._memory_only = False
         self._positions: dict[int, tuple[int, int]] = {}
-        self._listeners: list[Listener] = []
         self.exit_code: int | None = None
 
     def _new_cache(self) -> SequencedLog[Chunk]:
@@ -320,16 +327,6 @@ class ExecLog:
         return len(self._segments) > 1 and self._segments[0].number == segment
 
     # -- writing ------------------------------------------------------------------------------
-
-    def add_listener(self, listener: Listener) -> None:
-        self._listeners.append(listener)
-
-    def remove_listener(self, listener: Listener) -> None:
-        self._listeners.remove(listener)
-
-    def _notify(self) -> None:
-        for listener in list(self._listeners):
-            listener()
 
     def append(self, stream: Stream, data: bytes, timestamp_ns: int) -> None:
         """Number and keep ``data``: storage first, then the cache, then the readers are told.
