@@ -326,6 +326,21 @@ async def evicted_output_gap(ctx: CaseContext) -> None:
         expect_equal(client.chunks[-1].sequence, last, "the last sequence")
 
 
+async def _stalled_and_reader(
+    ctx: CaseContext, c: str, e: str, script: str, within: float
+) -> tuple[SessionClient, SessionClient]:
+    """An exec running ``script`` once told to go; its creator reads only its ``ready`` and
+    then nothing, while a second client tells it to go and reads it all to the exit."""
+    stalled = await ctx.create(c, e, w.sh(f"read go; {script}"), read=False, label="stalled")
+    kind = await stalled.read_one()
+    expect(kind == "ready", "ready first", stalled.describe())
+    reader = await ctx.attach(c, e, half_close=False, label="reader")
+    await reader.until_ready()
+    await reader.stdin(b"go\n")
+    await reader.completed(within=within)
+    return stalled, reader
+
+
 @case(
     "6.4",
     "stalled-client-gap-past-the-limit",
@@ -337,13 +352,7 @@ async def evicted_output_gap(ctx: CaseContext) -> None:
 async def stalled_client_gap(ctx: CaseContext) -> None:
     c, e = ctx.container_id(), ctx.exec_id()
     lines = w.seq_lines_for(3 * _output_limit(ctx))
-    stalled = await ctx.create(c, e, w.sh(f"read go; seq 1 {lines}"), read=False, label="stalled")
-    kind = await stalled.read_one()
-    expect(kind == "ready", "ready first", stalled.describe())
-    reader = await ctx.attach(c, e, half_close=False, label="reader")
-    await reader.until_ready()
-    await reader.stdin(b"go\n")
-    await reader.completed(within=90)
+    stalled, reader = await _stalled_and_reader(ctx, c, e, f"seq 1 {lines}", within=90)
     expect_honest(reader)
     stalled.read_in_background()
     await stalled.completed(within=60)
@@ -391,15 +400,10 @@ async def output_limit_oldest_first(ctx: CaseContext) -> None:
 async def stalled_delays_nobody(ctx: CaseContext) -> None:
     c, e = ctx.container_id(), ctx.exec_id()
     size = 16 * w.MIB
-    stalled = await ctx.create(
-        c, e, w.sh(f"read go; head -c {size} /dev/zero; echo end"), read=False, label="stalled"
-    )
-    await stalled.read_one()
-    reader = await ctx.attach(c, e, half_close=False, label="reader")
-    await reader.until_ready()
-    await reader.stdin(b"go\n")
     # The stalled client holds at most the transport's window; the rest must not wait for it.
-    await reader.completed(within=60)
+    stalled, reader = await _stalled_and_reader(
+        ctx, c, e, f"head -c {size} /dev/zero; echo end", within=60
+    )
     expect_honest(reader)
     expect(reader.stdout.endswith(b"end\n"), "the output's last line 'end'", reader.describe())
     status = await ctx.status(c, e)
@@ -424,13 +428,7 @@ async def stalled_loses_nothing(ctx: CaseContext) -> None:
     c, e = ctx.container_id(), ctx.exec_id()
     lines = w.seq_lines_for(w.within_limit(ctx.target.max_output_bytes, 32 * w.MIB))
     out = w.seq_expected(1, lines)
-    stalled = await ctx.create(c, e, w.sh(f"read go; seq 1 {lines}"), read=False, label="stalled")
-    kind = await stalled.read_one()
-    expect(kind == "ready", "ready first", stalled.describe())
-    reader = await ctx.attach(c, e, half_close=False, label="reader")
-    await reader.until_ready()
-    await reader.stdin(b"go\n")
-    await reader.completed(within=120)
+    stalled, reader = await _stalled_and_reader(ctx, c, e, f"seq 1 {lines}", within=120)
     expect_contiguous(reader)
     expect_output(reader, out)
     status = await ctx.status(c, e)
