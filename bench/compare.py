@@ -52,8 +52,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# grpc's C core logs an INFO line per connection a stopped server ends: noise in a table.
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+if __name__ == "__main__":
+    # grpc's C core logs an INFO line per connection a stopped server ends: noise in a table.
+    # Only when run: imported (by its tests), it must not change the importer's environment.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
 import grpc.aio

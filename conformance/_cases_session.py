@@ -201,6 +201,7 @@ ROW_REFUSED_NAME = "Session: a name the system refuses (too long, a link loop, p
     "a command or working_dir longer than the system allows fails with INVALID_ARGUMENT",
     row=ROW_REFUSED_NAME,
     status="INVALID_ARGUMENT",
+    needs=("create",),
 )
 async def name_too_long(ctx: CaseContext) -> None:
     c = ctx.container_id()

@@ -236,17 +236,22 @@ async def engine(
     token: str | None = None,
     retention: float = 300.0,
     cleanup_interval: float = 30.0,
+    max_output_bytes: int = 1024 * 1024 * 1024,
     faults: frozenset[str] = frozenset(),
 ) -> AsyncIterator[str]:
     """Run the engine; yields the address its Exec service listens on."""
     import grpc.aio
 
-    from execstream.server import ExecAttachable
+    from execstream.server import ExecAttachable, Executor, Limits, Registry
 
     unknown = faults - FAULTS.keys()
     if unknown:
         raise ValueError(f"unknown faults: {sorted(unknown)}")
-    attachable = ExecAttachable(token=token, retention=retention, cleanup_interval=cleanup_interval)
+    # The engine's own registry: its output limit is the one the suite is told (PROTOCOL 6.5).
+    registry = Registry(Limits(max_output_bytes=max_output_bytes))
+    attachable = ExecAttachable(
+        Executor(registry), token=token, retention=retention, cleanup_interval=cleanup_interval
+    )
     server = grpc.aio.server()
     attachable.add_to_server(server)
     port = server.add_insecure_port(listen)
@@ -311,6 +316,7 @@ async def _serve(args: argparse.Namespace) -> None:
         token=args.token,
         retention=args.retention,
         cleanup_interval=args.cleanup_interval,
+        max_output_bytes=args.max_output_bytes,
         faults=frozenset(args.fault),
     ) as address:
         print(f"listening on {address}, control socket {args.control}", flush=True)
@@ -328,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token")
     parser.add_argument("--retention", type=float, default=300.0)
     parser.add_argument("--cleanup-interval", type=float, default=30.0)
+    parser.add_argument("--max-output-bytes", type=int, default=1024 * 1024 * 1024)
     parser.add_argument("--fault", action="append", default=[], choices=sorted(FAULTS))
     asyncio.run(_serve(parser.parse_args(argv)))
     return 0

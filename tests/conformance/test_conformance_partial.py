@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conformance_harness import CLEANUP_INTERVAL, TOKEN, SessionOnly, proxied
+from conformance_harness import CLEANUP_INTERVAL, OUTPUT_LIMIT, TOKEN, SessionOnly, proxied
 from engine_server import FAULTS, driver_command, engine
 from test_conformance_broken import EndsAllOnLeave
 
@@ -125,6 +125,7 @@ async def _engine(
             token=TOKEN,
             retention=ENGINE_RETENTION,
             cleanup_interval=CLEANUP_INTERVAL,
+            max_output_bytes=OUTPUT_LIMIT,
             faults=faults,
         ) as address:
             yield Target(
@@ -132,6 +133,7 @@ async def _engine(
                 token=TOKEN,
                 retention=ENGINE_RETENTION,
                 cleanup_interval=CLEANUP_INTERVAL,
+                max_output_bytes=OUTPUT_LIMIT,
                 driver=CommandDriver(driver_command(control)),
             )
 

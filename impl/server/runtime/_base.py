@@ -16,6 +16,7 @@ are :class:`~execstream.server.ExecError` s with the status the protocol asks fo
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -29,7 +30,25 @@ __all__ = [
     "RunningExec",
     "Runtime",
     "check_terminal_size",
+    "refused_spawn",
 ]
+
+# Failures of the server's own resources while spawning, not of the request.
+_OUT_OF_RESOURCES = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC, errno.EAGAIN}
+)
+
+
+def refused_spawn(error: OSError | ValueError, command: str) -> ExecError:
+    """PROTOCOL 3.7: what the system refused while a runtime looked up or started
+    ``command`` (ENAMETOOLONG, ELOOP, EACCES, an embedded NUL...) is the request's fault,
+    INVALID_ARGUMENT, never an internal error; the server running out of something is
+    RESOURCE_EXHAUSTED (PROTOCOL 13.1)."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    code = ErrorCode.INVALID_ARGUMENT
+    if isinstance(error, OSError) and error.errno in _OUT_OF_RESOURCES:
+        code = ErrorCode.RESOURCE_EXHAUSTED
+    return ExecError(code, f"cannot start {command[:200]!r}: {reason}")
 
 
 class OutputSink(Protocol):

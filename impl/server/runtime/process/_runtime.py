@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import itertools
 import logging
 import os
@@ -19,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from ..._errors import ErrorCode, ExecError
-from .._base import ExecSpec, OutputSink, ResourceSample
+from .._base import ExecSpec, OutputSink, ResourceSample, refused_spawn
 from ._exec import ProcessExec
 from ._finder import ProcessFinder
 from ._freezer import Freezer
@@ -35,10 +34,6 @@ _KILL_TIMEOUT = 5.0
 _STOP_TIMEOUT = 5.0
 _SIGNAL_ROUNDS = 8
 _MIN_CPU_WINDOW = 0.1
-# Failures of the server's own resources while spawning, not of the request.
-_OUT_OF_RESOURCES = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC, errno.EAGAIN}
-)
 
 
 class ProcessRuntime:
@@ -139,15 +134,9 @@ class ProcessRuntime:
                 drain_timeout=self.drain_timeout,
             )
         except (OSError, ValueError) as exc:
-            # PROTOCOL 3.7: a name the system refuses (ENAMETOOLONG, ELOOP, EACCES, ...) is
-            # the request's fault, never an internal error.
             if not self._has_execs(container_id):
                 shutil.rmtree(directory, ignore_errors=True)
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            code = ErrorCode.INVALID_ARGUMENT
-            if isinstance(exc, OSError) and exc.errno in _OUT_OF_RESOURCES:
-                code = ErrorCode.RESOURCE_EXHAUSTED  # PROTOCOL 13.1: the server ran out
-            raise ExecError(code, f"cannot start {spec.command[0][:200]!r}: {reason}") from exc
+            raise refused_spawn(exc, spec.command[0]) from exc
         except BaseException:
             if not self._has_execs(container_id):
                 shutil.rmtree(directory, ignore_errors=True)

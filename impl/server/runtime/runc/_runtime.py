@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..._errors import ErrorCode, ExecError
-from .._base import ExecSpec, OutputSink, ResourceSample
+from .._base import ExecSpec, OutputSink, ResourceSample, refused_spawn
 from ..process._exec import ProcessExec
 from ..process._procfs import CLK_TCK, PAGE_SIZE, boot_seconds, read_io, read_stat
 from ..process._spawn import check_id, send_signal
@@ -137,7 +137,10 @@ class RuncRuntime:
         if container.paused:
             raise ExecError(ErrorCode.FAILED_PRECONDITION, f"container {container_id!r} is paused")
         try:
-            check_exec(container.bundle / "rootfs", spec)
+            try:
+                check_exec(container.bundle / "rootfs", spec)
+            except (OSError, ValueError) as exc:
+                raise refused_spawn(exc, spec.command[0]) from exc
             entry = await self._start(container, exec_id, spec, stdout, stderr)
         except BaseException:
             if not container.execs:
