@@ -65,12 +65,17 @@ async def eventually(predicate: Callable[[], object], what: str) -> None:
 
 
 def containers(state_dir: Path) -> list[str]:
-    out = subprocess.run(
-        ["runc", "--root", str(state_dir / "runc" / "state"), "list", "--format", "json"],
-        capture_output=True,
-        check=True,
-    ).stdout
-    return [c["id"] for c in json.loads(out or b"null") or []]
+    """The containers runc lists.  A listing that races a deletion fails (runc cannot read
+    the state of a container deleted while it lists): it is asked again, briefly."""
+    for _ in range(100):
+        done = subprocess.run(
+            ["runc", "--root", str(state_dir / "runc" / "state"), "list", "--format", "json"],
+            capture_output=True,
+        )
+        if done.returncode == 0:
+            return [c["id"] for c in json.loads(done.stdout or b"null") or []]
+        time.sleep(0.01)
+    raise AssertionError(f"runc list keeps failing: {done.stderr.decode(errors='replace')}")
 
 
 @pytest.fixture
