@@ -30,7 +30,7 @@ EMBEDDED_RETENTION = 2.0
 EMBEDDED_CLEANUP_INTERVAL = 0.5
 #: The embedded server's output limit: small, so that the eviction cases (6.4, 6.5) run in
 #: seconds, and large enough for every other case to stay within it.
-EMBEDDED_OUTPUT_LIMIT = 16 * 1024 * 1024
+EMBEDDED_OUTPUT_LIMIT = 8 * 1024 * 1024
 
 
 def _positive_float(text: str) -> float:
@@ -110,7 +110,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="BYTES",
         help="the target's output limit per exec (PROTOCOL 6.5; 0: none; default 1 GiB, the "
-        "reference server's; the embedded server uses 16 MiB so that eviction is checked)",
+        "reference server's; the embedded server uses 8 MiB so that eviction is checked)",
     )
     settings.add_argument(
         "--stdin-bytes",

@@ -62,6 +62,7 @@ from ._errors import (
     ProtocolError,
     ServerError,
     ServerShuttingDown,
+    Unauthenticated,
     Unavailable,
     error_from_rpc,
 )
@@ -316,10 +317,28 @@ class Exec:
         try:
             return await self._open_once(start)
         except _StartNotSent as failure:
+            refusal = await self._refusal(start)
+            if refusal is not None:
+                raise refusal from None
             raise ServerError(
                 f"the server ended the call before reading start, and grpc hid why "
                 f"({failure.details}, grpc/grpc#36066)"
             ) from None
+
+    async def _refusal(self, start: wire.Start) -> ExecStreamError | None:
+        """Why the server refused the call itself, when grpc hid it: a server ends a Session
+        before reading ``start`` only for the token (PROTOCOL 12.1) or a shutdown (13.2), and
+        a unary call with the same metadata is told which."""
+        request = wire.ContainerStatusRequest(container_id=start.container_id)
+        try:
+            await self._conn.stub.ContainerStatus(
+                request, timeout=self._remaining(), metadata=self._conn.metadata
+            )
+        except grpc.aio.AioRpcError as error:
+            refusal = error_from_rpc(error)
+            if isinstance(refusal, Unauthenticated | Unavailable):
+                return refusal
+        return None
 
     async def _open_once(self, start: wire.Start) -> None:
         call = self._conn.stub.Session(timeout=self._remaining(), metadata=self._conn.metadata)

@@ -43,7 +43,7 @@ REFERENCE_DEVIATIONS: dict[str, str] = {}
 
 #: The reference server's output limit in these tests (as the embedded target's): small, so
 #: that the eviction cases of 6.4 and 6.5 take seconds.
-OUTPUT_LIMIT = 16 * 1024 * 1024
+OUTPUT_LIMIT = 8 * 1024 * 1024
 
 
 def target_for(address: str, token: str | None = TOKEN) -> Target:

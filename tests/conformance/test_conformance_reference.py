@@ -4,7 +4,8 @@ Ten complete runs in a row, in-process, each against a fresh embedded reference 
 the suite's short retention (2 s) and sweep (0.5 s) and a token, so that every case runs and
 none is skipped.  Cases in ``REFERENCE_DEVIATIONS`` (reported non-conformances of the server)
 must FAIL, every other case must PASS.  This is the slowest test of the directory (about
-8 s per run on the 2-core reference machine); it is marked ``suite_repeat``.
+12 s per run on the 2-core reference machine, 2 minutes in all); it is marked ``suite_repeat``,
+and its own time bound (the ten runs) replaces the 180 s every other test gets.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def _expected(case_id: str) -> Verdict:
 
 
 @pytest.mark.suite_repeat
+@pytest.mark.timeout(RUNS * 60)
 async def test_reference_server_passes_the_whole_suite_ten_times_in_a_row() -> None:
     seconds = []
     for run in range(1, RUNS + 1):
