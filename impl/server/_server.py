@@ -200,7 +200,8 @@ class ServerSettings:
 
 def receive_options(limits: Limits) -> list[tuple[str, int]]:
     """gRPC's receive limit, raised so that a stdin message up to ``limits.stdin_bytes`` is
-    judged by PROTOCOL 7.2 (INVALID_ARGUMENT beyond it), not refused by gRPC first."""
+    judged by PROTOCOL 7.2 (INVALID_ARGUMENT beyond it), not refused by gRPC first: PROTOCOL 7.4.
+    """
     return [
         (
             "grpc.max_receive_message_length",
