@@ -54,195 +54,10 @@ GLUE = [
     "add_ExecServicer_to_server",
 ]
 
-# Static part of _service.py: strict request parsing.  betterproto2 is lenient (it can accept
-# a wrong wire type, or two members of one oneof) and raises arbitrary exceptions on garbage;
-# a server must answer INVALID_ARGUMENT instead (PROTOCOL 2.5), so requests reach servicers
-# only through these wrappers.
-STRICT_PARSING = '''
-
-class MalformedMessage(ValueError):
-    """Bytes that are not a valid message of the expected type (PROTOCOL 2.5)."""
-
-
-def _check_value(value: Any, hint: Any, where: str) -> None:
-    origin = typing.get_origin(hint)
-    if origin is types.UnionType:  # X | None: an optional field or a oneof member
-        if value is None:
-            return
-        (hint,) = [h for h in typing.get_args(hint) if h is not type(None)]
-        origin = typing.get_origin(hint)
-    if origin is list:
-        if not isinstance(value, list):
-            raise MalformedMessage(f"{where} is not repeated")
-        (item,) = typing.get_args(hint)
-        for element in value:
-            _check_value(element, item, where)
-    elif origin is dict:
-        if not isinstance(value, dict):
-            raise MalformedMessage(f"{where} is not a map")
-        key_hint, value_hint = typing.get_args(hint)
-        for key, element in value.items():
-            _check_value(key, key_hint, where)
-            _check_value(element, value_hint, where)
-    elif isinstance(hint, type) and issubclass(hint, betterproto2.Message):
-        if not isinstance(value, hint):
-            raise MalformedMessage(f"{where} is not a {hint.__name__}")
-        _check_message(value)
-    elif hint is float:
-        if not isinstance(value, (float, int)) or isinstance(value, bool):
-            raise MalformedMessage(f"{where} is not a number")
-    elif hint is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise MalformedMessage(f"{where} is not an integer")
-    elif isinstance(hint, type) and not isinstance(value, hint):
-        raise MalformedMessage(f"{where} has the wrong wire type")
-
-
-@functools.cache
-def _hints(message_type: type[betterproto2.Message]) -> dict[str, Any]:
-    return typing.get_type_hints(message_type)
-
-
-def _check_message(message: betterproto2.Message) -> None:
-    message_type = type(message)
-    groups: dict[str, list[str]] = {}
-    for field in dataclasses.fields(message):  # type: ignore[arg-type]
-        where = f"{message_type.__name__}.{field.name}"
-        value = getattr(message, field.name)
-        _check_value(value, _hints(message_type)[field.name], where)
-        group = field.metadata["betterproto"].group
-        if group is not None and value is not None:
-            groups.setdefault(group, []).append(field.name)
-    for group, members in groups.items():
-        if len(members) > 1:
-            raise MalformedMessage(
-                f"{message_type.__name__}.{group} has {len(members)} members set: "
-                + ", ".join(members)
-            )
-
-
-_M = TypeVar("_M")
-
-
-def _varint(data: bytes, at: int, where: str) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if at >= len(data) or shift > 63:
-            raise MalformedMessage(f"{where}: truncated varint")
-        byte = data[at]
-        at += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, at
-
-
-@functools.cache
-def _nested_types(message_type: type[betterproto2.Message]) -> dict[int, type[Any] | None]:
-    """Field number -> message type to scan inside (None: a length-delimited scalar)."""
-    nested: dict[int, type[Any] | None] = {}
-    for field in dataclasses.fields(message_type):  # type: ignore[arg-type]
-        meta = field.metadata["betterproto"]
-        hint = _hints(message_type)[field.name]
-        inner = [h for h in (hint, *typing.get_args(hint)) if isinstance(h, type)]
-        messages = [h for h in inner if issubclass(h, betterproto2.Message)]
-        nested[meta.number] = messages[0] if messages and meta.proto_type == "message" else None
-    return nested
-
-
-def _scan(data: bytes, message_type: type[betterproto2.Message], where: str = "") -> None:
-    """Check the wire framing that betterproto2 does not: wire types, varints, and lengths
-    that stay inside the message (a truncated field would otherwise be read short)."""
-    where = where or f"malformed {message_type.__name__}"
-    at = 0
-    while at < len(data):
-        key, at = _varint(data, at, where)
-        number, wire_type = key >> 3, key & 7
-        if number == 0:
-            raise MalformedMessage(f"{where}: field number 0")
-        if wire_type == 0:
-            _, at = _varint(data, at, where)
-        elif wire_type == 1 or wire_type == 5:
-            at += 8 if wire_type == 1 else 4
-            if at > len(data):
-                raise MalformedMessage(f"{where}: truncated field {number}")
-        elif wire_type == 2:
-            length, at = _varint(data, at, where)
-            if at + length > len(data):
-                raise MalformedMessage(f"{where}: field {number} runs past the end")
-            inner = _nested_types(message_type).get(number)
-            if inner is not None:
-                _scan(data[at : at + length], inner, f"{where}, field {number} {inner.__name__}")
-            at += length
-        else:
-            raise MalformedMessage(f"{where}: wire type {wire_type} in field {number}")
-
-
-def _parse_strict(message_type: type[_M], data: bytes) -> _M:
-    _scan(data, message_type)  # type: ignore[arg-type]
-    try:
-        message = message_type.FromString(data)  # type: ignore[attr-defined]
-    except Exception as error:
-        raise MalformedMessage(
-            f"malformed {message_type.__name__}: {type(error).__name__}"
-        ) from None
-    _check_message(message)
-    result: _M = message
-    return result
-
-
-async def _parsed(
-    method: Method[_Req, Any], raw: AsyncIterator[bytes]
-) -> AsyncIterator[_Req]:
-    async for data in raw:
-        yield method.parse_request(data)
-
-
-def _unary_unary_strict(
-    method: Method[_Req, _Resp], behaviour: Callable[[_Req, Any], Awaitable[_Resp]]
-) -> Callable[[bytes, Any], Awaitable[_Resp]]:
-    async def handle(data: bytes, context: Any) -> _Resp:
-        try:
-            request = method.parse_request(data)
-        except MalformedMessage as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-            raise
-        return await behaviour(request, context)
-
-    return handle
-
-
-def _unary_stream_strict(
-    method: Method[_Req, _Resp], behaviour: Callable[[_Req, Any], AsyncIterator[_Resp]]
-) -> Callable[[bytes, Any], AsyncIterator[_Resp]]:
-    async def handle(data: bytes, context: Any) -> AsyncIterator[_Resp]:
-        try:
-            request = method.parse_request(data)
-        except MalformedMessage as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-            raise
-        async for response in behaviour(request, context):
-            yield response
-
-    return handle
-
-
-def _stream_stream_strict(
-    method: Method[_Req, _Resp],
-    behaviour: Callable[[AsyncIterator[_Req], Any], AsyncIterator[_Resp]],
-) -> Callable[[AsyncIterator[bytes], Any], AsyncIterator[_Resp]]:
-    """A MalformedMessage raised while the servicer reads its requests ends the call with
-    INVALID_ARGUMENT, unless the servicer caught it and chose a status itself."""
-
-    async def handle(raw: AsyncIterator[bytes], context: Any) -> AsyncIterator[_Resp]:
-        try:
-            async for response in behaviour(_parsed(method, raw), context):
-                yield response
-        except MalformedMessage as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-
-    return handle
-'''.splitlines()
+# The hand-written modules of execstream.wire: the generated code imports them, and the
+# generator neither writes nor compares them.  Strict request parsing (PROTOCOL 2.5) is one:
+# it does not depend on the proto, so it is a plain module, linted and type-checked.
+HANDWRITTEN = ("_strict.py",)
 
 ARITY = {
     (False, False): "UNARY_UNARY",
@@ -288,25 +103,22 @@ def _service_module(proto: FileDescriptorProto) -> str:
 
     methods = list(service.method)
     names = sorted({short(m.input_type) for m in methods} | {short(m.output_type) for m in methods})
+    handlers = _handler_names(methods)
     lines: list[str] = [
         HEADER,
         f'"""The grpc.aio glue of the ``{full}`` service: method table, typed stub, servicer."""',
         "",
         "from __future__ import annotations",
         "",
-        "import dataclasses",
         "import enum",
-        "import functools",
-        "import types",
-        "import typing",
-        "from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence",
+        "from collections.abc import AsyncIterator, Callable, Mapping, Sequence",
         "from dataclasses import dataclass",
         "from typing import Any, Generic, Protocol, TypeAlias, TypeVar",
         "",
-        "import betterproto2",
         "import grpc",
         "import grpc.aio",
         "",
+        f"from ._strict import {', '.join(['MalformedMessage', 'parse_strict', *handlers])}",
         f"from .dagger.exec import {', '.join(names)}",
         "",
         f"__all__ = ({', '.join(repr(n) for n in [*GLUE, *map(_const, names_of(methods))])},)",
@@ -343,9 +155,8 @@ def _service_module(proto: FileDescriptorProto) -> str:
         "",
         "    def parse_request(self, data: bytes) -> _Req:",
         '        """Parse strictly: bytes that are not a valid request raise MalformedMessage."""',
-        "        return _parse_strict(self.request_type, data)",
+        "        return parse_strict(self.request_type, data)",
         "",
-        *STRICT_PARSING,
     ]
     for m in methods:
         req, resp = short(m.input_type), short(m.output_type)
@@ -387,7 +198,7 @@ def _service_module(proto: FileDescriptorProto) -> str:
         kind = ARITY[(m.client_streaming, m.server_streaming)].lower()
         lines += [
             f'        "{m.name}": grpc.{kind}_rpc_method_handler(',
-            f"            _{kind}_strict({_const(m.name)}, servicer.{m.name}),",
+            f"            {kind}_strict({_const(m.name)}.request_type, servicer.{m.name}),",
             "            response_serializer=Method.serialize,",
             "        ),",
         ]
@@ -445,6 +256,12 @@ def _service_module(proto: FileDescriptorProto) -> str:
             "        )",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _handler_names(methods: list[MethodDescriptorProto]) -> list[str]:
+    """The wrappers of _strict.py that the methods' arities need."""
+    kinds = {ARITY[(m.client_streaming, m.server_streaming)].lower() for m in methods}
+    return [f"{kind}_strict" for kind in sorted(kinds)]
 
 
 def names_of(methods: list[MethodDescriptorProto]) -> list[str]:
@@ -526,10 +343,13 @@ def generate(dest: Path) -> None:
 
 
 def _files(root: Path) -> dict[str, str]:
+    """The generated files below ``root`` (the hand-written ones are not the generator's)."""
     return {
         str(p.relative_to(root)): p.read_text()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and "__pycache__" not in p.parts
+        if p.is_file()
+        and "__pycache__" not in p.parts
+        and str(p.relative_to(root)) not in HANDWRITTEN
     }
 
 
@@ -566,6 +386,8 @@ def main() -> int:
                     )
             print("generated/ drifted from spec/exec.proto: run `tox -e generate`", file=sys.stderr)
             return 1
+        for name in HANDWRITTEN:
+            shutil.copy2(OUT / name, fresh / name)
         shutil.rmtree(OUT, ignore_errors=True)
         shutil.copytree(fresh, OUT)
     print(f"wrote {OUT.relative_to(ROOT)}/ from {PROTO.relative_to(ROOT)}")

@@ -40,6 +40,7 @@ class TeeWriter:
         if not data or log.closed:
             return
         self.bytes_written += len(data)
+        # PROTOCOL 4.5: stamped with the time the server received the bytes.
         log.append(self._stream, data, self._registry.clock.wall_ns())
 
 

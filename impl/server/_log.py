@@ -540,6 +540,7 @@ class Readable(Protocol[T]):
     ) -> Read[T]: ...
 
 
+# PROTOCOL 4.3: a reader holds only its position, so reading takes no chunk from another.
 class Cursor(Generic[T]):
     """One reader's position in a log."""
 

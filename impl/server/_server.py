@@ -30,7 +30,7 @@ from execstream import wire
 from ._errors import SettingError
 from ._executor import Executor
 from ._metrics import MetricsEndpoint, ServerMetrics
-from ._registry import ExecRecord, Limits, Registry
+from ._registry import Clock, ExecRecord, Limits, Registry
 from ._runner import ProcessRunner
 from ._service import ExecService
 from ._standard import HEALTH_SERVICE, HealthReporter, add_reflection
@@ -200,7 +200,8 @@ class ServerSettings:
 
 def receive_options(limits: Limits) -> list[tuple[str, int]]:
     """gRPC's receive limit, raised so that a stdin message up to ``limits.stdin_bytes`` is
-    judged by PROTOCOL 7.2 (INVALID_ARGUMENT beyond it), not refused by gRPC first."""
+    judged by PROTOCOL 7.2 (INVALID_ARGUMENT beyond it), not refused by gRPC first: PROTOCOL 7.4.
+    """
     return [
         (
             "grpc.max_receive_message_length",
@@ -472,15 +473,22 @@ class ExecServer:
     """
 
     def __init__(
-        self, settings: ServerSettings | None = None, *, runtime: Runtime | None = None
+        self,
+        settings: ServerSettings | None = None,
+        *,
+        runtime: Runtime | None = None,
+        clock: Clock | None = None,
     ) -> None:
-        """``runtime`` replaces the one ``settings.runtime`` names (a test's fake)."""
+        """``runtime`` replaces the one ``settings.runtime`` names (a test's fake); ``clock``
+        the system clock of the registry (a test moves retention time with it)."""
         self.settings = settings or ServerSettings()
         self.settings.validate()
         self._listen = ListenAddress.parse(self.settings.listen)
         self._own_state_dir = self.settings.state_dir is None
         self.state_dir = self.settings.state_dir or Path(tempfile.mkdtemp(prefix="execstream-"))
-        registry = Registry(self.settings.limits, storage=DirectoryArea(self.state_dir / "logs"))
+        registry = Registry(
+            self.settings.limits, storage=DirectoryArea(self.state_dir / "logs"), clock=clock
+        )
         executor = Executor(registry)
         if runtime is None:
             try:

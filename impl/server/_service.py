@@ -143,6 +143,7 @@ class ExecService:
                 return await call()
             except ExecError as error:
                 failure = error
+            # PROTOCOL 2.3: the one error boundary; a fault ends this call, never the server.
             except Exception:
                 log.exception("internal error in %s", method)
                 failure = _INTERNAL
@@ -183,6 +184,7 @@ class ExecService:
                 self._admit(context)
                 start = await self._first_start(request_iterator)
                 record, cursor = await self._open(start)
+                # PROTOCOL 1.3, 3.3: a client of the published fields only gets a session_id.
                 session_id = start.session_id or f"{self._session_prefix}-{next(self._session_ids)}"
                 async for response in self._stream(record, cursor, session_id, request_iterator):
                     yield response
@@ -292,6 +294,7 @@ class ExecService:
                     for chunk in read.items:
                         if gap:
                             self.metrics.gap(gap)
+                        # PROTOCOL 6.2: chunks below the sequence fixed at attach are replay.
                         yield _chunk_response(chunk, chunk.sequence < boundary, gap)
                         gap = 0
                     self.metrics.streamed(
@@ -470,6 +473,7 @@ class ExecService:
             wire.ContainerStatusRequest, wire.ContainerStatusResponse
         ],
     ) -> wire.ContainerStatusResponse:
+        # PROTOCOL 9.1: answered at once from the registry, never waiting for the exec.
         def status() -> wire.ContainerStatusResponse:
             if request.exec_id:
                 validate_id("exec_id", request.exec_id)

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ._registry import Limits
+from ._registry import Clock, Limits
 from ._server import ExecServer, ServerSettings
 from .runtime import Runtime
 
@@ -20,12 +20,17 @@ __all__ = ["serve"]
 
 @contextlib.asynccontextmanager
 async def serve(
-    *, limits: Limits | None = None, runtime: str | Runtime = "process", **settings: Any
+    *,
+    limits: Limits | None = None,
+    runtime: str | Runtime = "process",
+    clock: Clock | None = None,
+    **settings: Any,
 ) -> AsyncIterator[ExecServer]:
     """Start an :class:`ExecServer` on ``127.0.0.1:0`` (unless ``listen`` is given).
 
     ``runtime`` is a runtime's name (``ServerSettings.runtime``) or a runtime object, such
-    as a :class:`~execstream.server.runtime.FakeRuntime`.
+    as a :class:`~execstream.server.runtime.FakeRuntime`; ``clock`` replaces the system clock
+    of the registry, so a test can move retention time without waiting (PROTOCOL 11.1).
     """
     fields = {f.name for f in dataclasses.fields(ServerSettings)}
     unknown = set(settings) - fields
@@ -36,5 +41,5 @@ async def serve(
         settings["runtime"] = runtime
     config = ServerSettings(limits=limits or Limits(), **settings)
     instance = None if isinstance(runtime, str) else runtime
-    async with ExecServer(config, runtime=instance) as server:
+    async with ExecServer(config, runtime=instance, clock=clock) as server:
         yield server

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
@@ -117,3 +118,32 @@ async def attach(
         stub,
         requests(start(container_id, exec_id, replay_from_sequence=replay_from_sequence)),
     )
+
+
+class SteppedClock:
+    """The system clock, plus the time a test skips with :meth:`advance`.
+
+    Injected into a server's registry, it lets a retention test move past the retention
+    period without sleeping through it (PROTOCOL 11.1, 11.2); wall and monotonic time move
+    together, as they would had the time passed.
+    """
+
+    def __init__(self) -> None:
+        self.skipped = 0.0
+
+    def wall_ns(self) -> int:
+        return time.time_ns() + round(self.skipped * 1e9)
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.skipped
+
+    def advance(self, seconds: float) -> None:
+        self.skipped += seconds
+
+
+async def until_removed(registry: Iterable[object], exec_id: str, timeout: float = 10) -> None:
+    """Poll (with a deadline) until the registry no longer holds ``exec_id``."""
+    deadline = time.monotonic() + timeout
+    while any(getattr(record, "exec_id", None) == exec_id for record in registry):
+        assert time.monotonic() < deadline, f"{exec_id} was not removed within {timeout} s"
+        await asyncio.sleep(0.01)

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 import grpc.aio
 import pytest
+from cpu import BURN_SECONDS, BURNER, TICK_TOLERANCE, Bracket, assert_percent_matches, cpu_seconds
 from sessions import SessionResult, attach, collect, requests, run, start
 
 from execstream import wire
@@ -145,38 +146,43 @@ async def test_lifecycle_filters_and_errors(stub: wire.ExecStub) -> None:
 
 
 async def test_status_with_real_resource_usage(stub: wire.ExecStub) -> None:
+    """cpu_percent through the RPC is the CPU time the exec used over the window (PROTOCOL
+    9.4), checked as an identity that holds however loaded the machine is (see cpu.py)."""
     c = cid()
-    burn = (
-        "import time\n"
-        "block = bytearray(50 * 1024 * 1024)\n"
-        "for i in range(0, len(block), 4096): block[i] = 1\n"
-        "print('ready', flush=True)\n"
-        "end = time.time() + 30\n"
-        "while time.time() < end: pass\n"
-    )
-    ready = asyncio.Event()
+    go = asyncio.Event()
     hold = asyncio.Event()
     created = asyncio.Event()
-    session = asyncio.create_task(
-        collect(
-            stub, requests(start(c, "burn", "python3", "-c", burn), hold=hold), on_ready=created
-        )
-    )
+
+    async def session_requests() -> AsyncIterator[wire.SessionRequest]:
+        yield start(c, "burn", "python3", "-c", BURNER)
+        await go.wait()
+        yield wire.SessionRequest(stdin=b"go\n")
+        await hold.wait()
+
+    session = asyncio.create_task(collect(stub, session_requests(), on_ready=created))
     await created.wait()
-    attached = asyncio.create_task(_wait_for_output(stub, c, "burn", b"ready", ready))
-    await ready.wait()
+    printed = await _wait_for_output(stub, c, "burn", b"ready", asyncio.Event())
+    pid = int(printed.split()[printed.split().index(b"ready") + 1])
     before = time.time_ns()
     request = wire.ContainerStatusRequest(container_id=c, include_resource_usage=True)
+    cpu_before = cpu_seconds(pid)
+    opened = time.monotonic()
     await stub.ContainerStatus(request)  # the first sample opens the window
-    await asyncio.sleep(1.0)
+    opened_by = Bracket(opened, time.monotonic())
+    go.set()
+    await _wait_for_output(stub, c, "burn", b"burnt", asyncio.Event())
+    used = cpu_seconds(pid) - cpu_before
+    assert used >= BURN_SECONDS - TICK_TOLERANCE
+    closed = time.monotonic()
     status = await stub.ContainerStatus(request)
+    closed_by = Bracket(closed, time.monotonic())
     assert status.status == "running" and status.exec_ids == ["burn"]
     assert status.exit_code is None and status.finished_at is None
     assert 0 < status.started_at <= before
     usage = status.resource_usage
     assert usage is not None
     assert usage.memory_bytes >= 40 * 1024 * 1024
-    assert usage.cpu_percent > 50
+    assert_percent_matches(usage.cpu_percent, used, opened_by, closed_by)
     exec_status = await stub.ContainerStatus(
         wire.ContainerStatusRequest(container_id=c, exec_id="burn")
     )
@@ -184,7 +190,6 @@ async def test_status_with_real_resource_usage(stub: wire.ExecStub) -> None:
     await stub.ContainerSignal(wire.ContainerSignalRequest(container_id=c, signal="KILL"))
     result = await session
     hold.set()
-    attached.cancel()
     assert result.exit_code == 137
     done = await stub.ContainerStatus(wire.ContainerStatusRequest(container_id=c, exec_id="burn"))
     assert done.status == "exited" and done.exit_code == 137
@@ -195,8 +200,9 @@ async def test_status_with_real_resource_usage(stub: wire.ExecStub) -> None:
 
 async def _wait_for_output(
     stub: wire.ExecStub, c: str, e: str, marker: bytes, event: asyncio.Event
-) -> None:
-    """Attach (the exec must exist) and set ``event`` once ``marker`` was printed."""
+) -> bytes:
+    """Attach (the exec must exist), set ``event`` once ``marker`` was printed, and return
+    the stdout seen up to then."""
     seen = b""
     async with asyncio.timeout(30):
         async for response in stub.Session(requests(start(c, e), hold=asyncio.Event())):
@@ -204,7 +210,7 @@ async def _wait_for_output(
                 seen += response.output_chunk.stdout or b""
                 if marker in seen:
                     event.set()
-                    return
+                    return seen
     raise AssertionError(f"{marker!r} never came; got {seen[-200:]!r}")
 
 

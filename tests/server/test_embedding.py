@@ -8,7 +8,7 @@ import asyncio
 import grpc
 import grpc.aio
 import pytest
-from sessions import attach
+from sessions import SteppedClock, attach, until_removed
 
 from execstream import wire
 from execstream.server import ExecAttachable, Executor, Limits, Registry
@@ -18,7 +18,10 @@ pytestmark = pytest.mark.asyncio
 
 async def test_engine_fed_exec_reaches_every_client_and_is_swept() -> None:
     server = grpc.aio.server()
-    attachable = ExecAttachable(Executor(Registry()), retention=0.3, cleanup_interval=0.1)
+    clock = SteppedClock()
+    attachable = ExecAttachable(
+        Executor(Registry(clock=clock)), retention=300, cleanup_interval=0.05
+    )
     attachable.add_to_server(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -45,7 +48,8 @@ async def test_engine_fed_exec_reaches_every_client_and_is_swept() -> None:
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 await stub.ContainerPause(wire.ContainerControlRequest(container_id="engine-c"))
             assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            await asyncio.sleep(0.3 + 0.1 + 0.3)
+            clock.advance(300)  # PROTOCOL 11.2: past retention, the sweep removes it
+            await until_removed(attachable.registry, "engine-e")
             gone = await attach(stub, "engine-c", "engine-e")
             assert gone.code == grpc.StatusCode.NOT_FOUND
     finally:

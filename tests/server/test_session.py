@@ -11,7 +11,16 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
-from sessions import SessionResult, attach, collect, requests, run, start
+from sessions import (
+    SessionResult,
+    SteppedClock,
+    attach,
+    collect,
+    requests,
+    run,
+    start,
+    until_removed,
+)
 
 from execstream import wire
 from execstream.server import ExecServer, Limits, Stream
@@ -217,9 +226,10 @@ async def test_stalled_client_resumes_and_loses_nothing(stub: wire.ExecStub) -> 
 
 
 async def test_attach_after_exit_then_not_found_after_retention() -> None:
-    """PROTOCOL 11.1, 11.2."""
+    """PROTOCOL 11.1, 11.2; retention time is moved by the test's clock, not slept through."""
+    clock = SteppedClock()
     async with (
-        serve(retention=1.0, cleanup_interval=0.25) as server,
+        serve(retention=300, cleanup_interval=0.05, clock=clock) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
         stub = wire.ExecStub(channel)
@@ -230,7 +240,12 @@ async def test_attach_after_exit_then_not_found_after_retention() -> None:
         assert (late.stdout, late.stderr, late.exit_code) == (b"one\n", b"two\n", 3)
         assert [c.sequence for c in late.chunks] == [c.sequence for c in first.chunks]
         assert all(chunk.is_replay for chunk in late.chunks)
-        await asyncio.sleep(1.0 + 0.25 + 0.5)
+        clock.advance(299)
+        assert server.attachable.sweeper.sweep() == 0  # within retention: kept
+        still = await attach(stub, c, e)
+        assert still.code == grpc.StatusCode.OK and still.exit_code == 3
+        clock.advance(1)
+        await until_removed(server.registry, e)  # by the background sweep
         gone = await attach(stub, c, e)
         assert gone.code == grpc.StatusCode.NOT_FOUND
         assert e in gone.details

@@ -16,7 +16,6 @@ from google.protobuf.descriptor_pb2 import (
     DescriptorProto,
     FieldDescriptorProto,
     FileDescriptorProto,
-    FileDescriptorSet,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,18 +127,6 @@ PUBLISHED_MESSAGES: dict[str, list[Field]] = {
         Field("message", 2, "string"),
     ],
 }
-
-
-@pytest.fixture(scope="module")
-def descriptor(tmp_path_factory: pytest.TempPathFactory) -> FileDescriptorProto:
-    from grpc_tools import protoc
-
-    out = tmp_path_factory.mktemp("descriptor") / "exec.desc"
-    include = Path(protoc.__file__).parent / "_proto"
-    argv = ["protoc", f"-I{PROTO.parent}", f"-I{include}", f"--descriptor_set_out={out}"]
-    assert protoc.main([*argv, str(PROTO)]) == 0, "protoc failed"
-    (proto,) = FileDescriptorSet.FromString(out.read_bytes()).file
-    return proto
 
 
 def _messages(proto: FileDescriptorProto) -> dict[str, DescriptorProto]:

@@ -30,18 +30,22 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def check(root: Path) -> subprocess.CompletedProcess[str]:
+def generate_py(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     # betterproto2-compiler runs `ruff` by name, so this interpreter's scripts must be on PATH.
     scripts = sysconfig.get_path("scripts")
     env = dict(os.environ, PATH=os.pathsep.join([scripts, os.environ.get("PATH", "")]))
     return subprocess.run(
-        [sys.executable, str(root / "tools" / "generate.py"), "--check"],
+        [sys.executable, str(root / "tools" / "generate.py"), *args],
         cwd=root,
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def check(root: Path) -> subprocess.CompletedProcess[str]:
+    return generate_py(root, "--check")
 
 
 def _named(diff: str) -> set[str]:
@@ -81,3 +85,20 @@ def test_missing_and_stray_generated_files_are_drift(repo_copy: Path) -> None:
     result = check(repo_copy)
     assert result.returncode == 1, result.stdout + result.stderr
     assert _named(result.stdout) == {"generated/message_pool.py", "generated/dagger/stale.py"}
+
+
+def test_hand_written_module_is_not_the_generators(repo_copy: Path) -> None:
+    """generated/_strict.py is written by hand: editing it is no drift, and it is kept."""
+    strict = repo_copy / "generated" / "_strict.py"
+    strict.write_text(strict.read_text() + "HAND_EDIT = True\n")
+    result = check(repo_copy)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_regenerating_keeps_the_hand_written_module(repo_copy: Path) -> None:
+    strict = repo_copy / "generated" / "_strict.py"
+    before = strict.read_text()
+    result = generate_py(repo_copy)  # rewrite generated/
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert strict.read_text() == before
+    assert check(repo_copy).returncode == 0

@@ -14,12 +14,9 @@ must not read as "no message"; ``optional exit_code = 0`` is not an absent exit 
 
 from __future__ import annotations
 
-import importlib
 import math
 import random
-import sys
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -49,9 +46,6 @@ from execstream.wire import (
     Start,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
-PROTO = ROOT / "spec" / "exec.proto"
-
 MESSAGES: list[type[betterproto2.Message]] = [
     obj
     for name in wire.__all__
@@ -62,25 +56,6 @@ EXAMPLES = settings(max_examples=60, deadline=None)
 
 
 # --- the protobuf runtime's view of the same proto ----------------------------------------
-
-
-@pytest.fixture(scope="session")
-def exec_pb2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
-    """``spec/exec.proto`` compiled by grpc_tools' protoc into protobuf-runtime classes."""
-    from grpc_tools import protoc
-
-    out = tmp_path_factory.mktemp("exec_pb2")
-    include = Path(protoc.__file__).parent / "_proto"
-    argv = ["protoc", f"-I{PROTO.parent}", f"-I{include}", f"--python_out={out}", str(PROTO)]
-    assert protoc.main(argv) == 0, f"protoc failed: {argv}"
-    sys.path.insert(0, str(out))
-    try:
-        module = importlib.import_module("exec_pb2")
-        assert Path(module.__file__ or "").parent == out, "imported a stale exec_pb2"
-        yield module
-    finally:
-        sys.path.remove(str(out))
-        sys.modules.pop("exec_pb2", None)
 
 
 def _bp_names(message: betterproto2.Message) -> dict[int, str]:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable
-from pathlib import Path
 from typing import Any
 
 import betterproto2
 import grpc
 import grpc.aio
 import pytest
-from google.protobuf.descriptor_pb2 import FileDescriptorProto, FileDescriptorSet
+from google.protobuf.descriptor_pb2 import FileDescriptorProto
 
 from execstream import wire
 from execstream.wire import (
@@ -36,9 +35,6 @@ from execstream.wire import (
     SessionResponse,
     Start,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
-PROTO = ROOT / "spec" / "exec.proto"
 
 # Test-only knobs a call can send to the recording servicer.
 DELAY = "x-test-delay"  # seconds to sleep before answering
@@ -343,18 +339,6 @@ ARITY = {
     (True, False): wire.Arity.STREAM_UNARY,
     (True, True): wire.Arity.STREAM_STREAM,
 }
-
-
-@pytest.fixture(scope="module")
-def descriptor(tmp_path_factory: pytest.TempPathFactory) -> FileDescriptorProto:
-    from grpc_tools import protoc
-
-    out = tmp_path_factory.mktemp("descriptor") / "exec.desc"
-    include = Path(protoc.__file__).parent / "_proto"
-    argv = ["protoc", f"-I{PROTO.parent}", f"-I{include}", f"--descriptor_set_out={out}"]
-    assert protoc.main([*argv, str(PROTO)]) == 0, "protoc failed"
-    (proto,) = FileDescriptorSet.FromString(out.read_bytes()).file
-    return proto
 
 
 def test_methods_table_matches_the_descriptor(descriptor: FileDescriptorProto) -> None:

@@ -268,6 +268,7 @@ def start_process(
             links = [os.ttyname(slave)]
             argv = [*ctty_prefix(), *argv]
             stdin_fd = master
+            # PROTOCOL 4.6: a TTY exec has one output, the terminal, sent as stdout.
             outputs = [(master, stdout, "terminal")]
         else:
             in_r, in_w = os.pipe2(os.O_CLOEXEC)
