@@ -49,6 +49,16 @@ def rss(pid: int, field: str) -> int:
 
 
 @pytest.fixture
+def big_file(tmp_path: Path) -> Iterator[Path]:
+    """Where a test writes its input; removed at the end, before the kernel writes it back
+    (pytest keeps temporary directories, and 300 MiB of writeback would stall later tests'
+    processes in disk sleep)."""
+    path = tmp_path / "big.bin"
+    yield path
+    path.unlink(missing_ok=True)
+
+
+@pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
     process = subprocess.Popen(
         [sys.executable, "-m", "execstream", "serve", "--listen", "127.0.0.1:0"],
@@ -110,14 +120,14 @@ async def drain(
 
 
 async def test_stalled_and_late_clients_get_every_byte_of_200_mib(
-    server: tuple[subprocess.Popen[str], str], stub: wire.ExecStub, tmp_path: Path
+    server: tuple[subprocess.Popen[str], str], stub: wire.ExecStub, big_file: Path
 ) -> None:
     size = 200 * MIB
-    want = random_file(tmp_path / "big.bin", size)
+    want = random_file(big_file, size)
     pid = server[0].pid
     baseline = rss(pid, "VmRSS")
     c, e = f"c-{uuid.uuid4().hex[:8]}", "cat"
-    call = stub.Session(requests(start(c, e, "cat", str(tmp_path / "big.bin"))))
+    call = stub.Session(requests(start(c, e, "cat", str(big_file))))
     stalled = call.__aiter__()
     assert (await stalled.__anext__()).ready is not None
     # It reads nothing more until the exec has exited: 200 MiB go past it.
@@ -134,15 +144,15 @@ async def test_stalled_and_late_clients_get_every_byte_of_200_mib(
 
 
 def test_cli_run_into_a_pipe_read_only_after_exit_gets_identical_bytes(
-    server: tuple[subprocess.Popen[str], str], tmp_path: Path
+    server: tuple[subprocess.Popen[str], str], big_file: Path
 ) -> None:
     size = 100 * MIB
-    want = random_file(tmp_path / "big.bin", size)
+    want = random_file(big_file, size)
     address = server[1]
     c, e = f"c-{uuid.uuid4().hex[:8]}", "cli-cat"
     command = ["run", "--target", address, "--container", c, "--exec-id", e]
     run = subprocess.Popen(
-        [sys.executable, "-m", "execstream", *command, "--", "cat", str(tmp_path / "big.bin")],
+        [sys.executable, "-m", "execstream", *command, "--", "cat", str(big_file)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,

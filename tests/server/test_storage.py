@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import tracemalloc
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,14 @@ from execstream.server._log import (
 from execstream.server._storage import HEADER, DirectoryArea, MemoryStorage
 
 MIB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True)
+def _remove_the_logs(tmp_path: Path) -> Iterator[None]:
+    """Tens of MiB per test: removed before the kernel writes them back (pytest keeps its
+    temporary directories, and the writeback would stall later tests in disk sleep)."""
+    yield
+    shutil.rmtree(tmp_path / "logs", ignore_errors=True)
 
 
 def disk_log(

@@ -31,7 +31,8 @@ log = logging.getLogger("execstream.server.process")
 
 _SWEEP_INTERVAL = 1.0
 _KILL_TIMEOUT = 5.0
-_STOP_TIMEOUT = 5.0
+# A process in disk sleep (state D) stops only once its I/O is done: seconds on a busy disk.
+_STOP_TIMEOUT = 10.0
 _SIGNAL_ROUNDS = 8
 _MIN_CPU_WINDOW = 0.1
 
