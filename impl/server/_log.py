@@ -23,7 +23,7 @@ import collections
 import enum
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 from ._errors import ErrorCode, ExecError
@@ -180,6 +180,14 @@ class Chunk:
     timestamp_ns: int
     stream: Stream
     data: bytes
+    #: The chunk's encoding, made by the first reader that sends it and kept here so that
+    #: every other reader sends the same bytes (PROTOCOL 4.3) without encoding them again.
+    #: Opaque to this module; it lives and dies with the chunk (the memory cache's chunks, or
+    #: one storage read's), so it adds at most one copy of the data the cache holds.
+    encoded: bytes | None = field(default=None, compare=False, repr=False)
+
+    def keep_encoded(self, encoded: bytes) -> None:
+        object.__setattr__(self, "encoded", encoded)
 
 
 @dataclass(slots=True)

@@ -27,8 +27,9 @@ import grpc.aio
 
 from execstream import wire
 
+from ._encoding import encode_chunk
 from ._errors import ErrorCode, ExecError
-from ._log import MAX_CHUNK, Chunk, Cursor, Stream
+from ._log import MAX_CHUNK, Chunk, Cursor
 from ._metrics import ServerMetrics
 from ._registry import ExecRecord, LifecycleEvent, Registry, validate_id
 from ._runner import ProcessRunner
@@ -176,7 +177,7 @@ class ExecService:
         self,
         request_iterator: AsyncIterator[wire.SessionRequest],
         context: grpc.aio.ServicerContext[wire.SessionRequest, wire.SessionResponse],
-    ) -> AsyncIterator[wire.SessionResponse]:
+    ) -> AsyncIterator[wire.SessionResponse | bytes]:
         record: ExecRecord | None = None
         failure: ExecError | None = None
         with self._observed("Session") as outcome:
@@ -266,8 +267,9 @@ class ExecService:
         cursor: Cursor[Chunk],
         session_id: str,
         request_iterator: AsyncIterator[wire.SessionRequest],
-    ) -> AsyncIterator[wire.SessionResponse]:
-        """PROTOCOL 3.3-6.4 for one client: Ready, replay, Ready, live, exit."""
+    ) -> AsyncIterator[wire.SessionResponse | bytes]:
+        """PROTOCOL 3.3-6.4 for one client: Ready, replay, Ready, live, exit.  Chunks go
+        out as the bytes encoded once for every client (``_encoding``)."""
         wake = asyncio.Event()
         failure: list[ExecError] = []
         log_ = record.log
@@ -295,7 +297,7 @@ class ExecService:
                         if gap:
                             self.metrics.gap(gap)
                         # PROTOCOL 6.2: chunks below the sequence fixed at attach are replay.
-                        yield _chunk_response(chunk, chunk.sequence < boundary, gap)
+                        yield encode_chunk(chunk, chunk.sequence < boundary, gap)
                         gap = 0
                     self.metrics.streamed(
                         len(read.items),
@@ -575,20 +577,6 @@ def _sync(call: Callable[[], _R]) -> Callable[[], Awaitable[_R]]:
         return call()
 
     return run
-
-
-def _chunk_response(chunk: Chunk, is_replay: bool, gap: int) -> wire.SessionResponse:
-    data = chunk.data
-    return wire.SessionResponse(
-        output_chunk=wire.OutputChunk(
-            sequence=chunk.sequence,
-            timestamp=chunk.timestamp_ns,
-            stdout=data if chunk.stream is Stream.STDOUT else None,
-            stderr=data if chunk.stream is Stream.STDERR else None,
-            is_replay=is_replay,
-            gap_before=gap,
-        )
-    )
 
 
 def _matches(event: LifecycleEvent, request: wire.ContainerLifecycleRequest) -> bool:
