@@ -415,7 +415,8 @@ class Registry:
         record.exited_at = self.clock.monotonic()
         self._live_count -= 1
         self._exited[record] = None
-        record.log.close(exit_code)
+        # The clients still reading keep sharing the cached chunks until the last one leaves.
+        record.log.close(exit_code, keep_cache=record.clients > 0)
         self.events.emit(
             record.finished_at_ns,
             record.container_id,
@@ -518,6 +519,8 @@ class Registry:
         record.clients -= 1
         if not record.clients and record.state is ExecState.REMOVED:
             record.log.destroy()
+        elif not record.clients:
+            record.log.drop_cache()  # exited: no memory for its output once nobody reads
 
     def subscribe(self) -> None:
         if self.subscribers >= self.limits.max_subscribers:

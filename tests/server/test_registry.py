@@ -842,3 +842,28 @@ def test_a_subscription_that_is_not_taken_counts_what_it_drops(clock: FakeClock)
     assert dropped == 3
     assert [e.exec_id for e in taken] == ["e2", "e3", "e4"]
     assert subscription.take() == ([], 0)
+
+
+def test_clients_reading_when_the_exec_exits_keep_its_cache_until_the_last_leaves(
+    registry: Registry,
+) -> None:
+    """The newest chunks stay shared by the clients still reading them when the exec exits;
+    once nobody reads, the exited exec holds no output in memory (its storage has it all)."""
+    record = running(registry)
+    record.log.append(Stream.STDOUT, b"x" * 100, 1)
+    first, second = registry.attach(record, 0), registry.attach(record, 0)
+    registry.mark_exited(record, 0)
+    assert record.log.cached_from == 1
+    assert [c.data for c in first.read().items] == [b"x" * 100]
+    registry.detach(record)
+    assert record.log.cached_from == 1, "one client is still reading"
+    registry.detach(record)
+    assert record.log.cached_from == record.log.next_sequence == 2
+    assert [c.data for c in second.read().items] == [b"x" * 100]  # from storage
+
+
+def test_an_exec_that_exits_without_clients_lets_its_cache_go(registry: Registry) -> None:
+    record = running(registry)
+    record.log.append(Stream.STDOUT, b"x" * 100, 1)
+    registry.mark_exited(record, 0)
+    assert record.log.cached_from == record.log.next_sequence
