@@ -80,6 +80,7 @@ class Method(Generic[_Req, _Resp]):
 
     @staticmethod
     def serialize(message: Any) -> bytes:
+        # bytes (a message encoded once for many calls) go as they are
         return bytes(message)
 
     def parse_request(self, data: bytes) -> _Req:
@@ -164,12 +165,12 @@ class ExecServicer(Protocol):
         self,
         request_iterator: AsyncIterator[SessionRequest],
         context: grpc.aio.ServicerContext[SessionRequest, SessionResponse],
-    ) -> AsyncIterator[SessionResponse]: ...
+    ) -> AsyncIterator[SessionResponse | bytes]: ...
     def ContainerLifecycle(
         self,
         request: ContainerLifecycleRequest,
         context: grpc.aio.ServicerContext[ContainerLifecycleRequest, ContainerLifecycleEvent],
-    ) -> AsyncIterator[ContainerLifecycleEvent]: ...
+    ) -> AsyncIterator[ContainerLifecycleEvent | bytes]: ...
     async def ContainerStatus(
         self,
         request: ContainerStatusRequest,

@@ -151,6 +151,7 @@ def _service_module(proto: FileDescriptorProto) -> str:
         "",
         "    @staticmethod",
         "    def serialize(message: Any) -> bytes:",
+        "        # bytes (a message encoded once for many calls) go as they are",
         "        return bytes(message)",
         "",
         "    def parse_request(self, data: bytes) -> _Req:",
@@ -182,7 +183,8 @@ def _service_module(proto: FileDescriptorProto) -> str:
         ctx = f"grpc.aio.ServicerContext[{req}, {resp}]"
         arg = f"request_iterator: AsyncIterator[{req}]" if m.client_streaming else f"request: {req}"
         if m.server_streaming:
-            returns = f"AsyncIterator[{resp}]"
+            # A stream may yield a message or its encoding, made once for many clients.
+            returns = f"AsyncIterator[{resp} | bytes]"
             lines.append(f"    def {m.name}(self, {arg}, context: {ctx}) -> {returns}: ...")
         else:
             lines.append(f"    async def {m.name}(self, {arg}, context: {ctx}) -> {resp}: ...")

@@ -23,7 +23,7 @@ import collections
 import enum
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 from ._errors import ErrorCode, ExecError
@@ -180,6 +180,14 @@ class Chunk:
     timestamp_ns: int
     stream: Stream
     data: bytes
+    #: The chunk's encoding, made by the first reader that sends it and kept here so that
+    #: every other reader sends the same bytes (PROTOCOL 4.3) without encoding them again.
+    #: Opaque to this module; it lives and dies with the chunk (the memory cache's chunks, or
+    #: one storage read's), so it adds at most one copy of the data the cache holds.
+    encoded: bytes | None = field(default=None, compare=False, repr=False)
+
+    def keep_encoded(self, encoded: bytes) -> None:
+        object.__setattr__(self, "encoded", encoded)
 
 
 @dataclass(slots=True)
@@ -418,19 +426,26 @@ class ExecLog(_Notifier):
         self._stored = 0
         self._storage.destroy()
 
-    def close(self, exit_code: int) -> None:
+    def close(self, exit_code: int, *, keep_cache: bool = False) -> None:
         """PROTOCOL 5.1: the exit code follows every chunk; nothing is appended after it.
 
         The output is complete in storage, so the cache is let go: an exited exec costs no
-        memory for its output, and late readers read it back from storage.
+        memory for its output, and late readers read it back from storage.  With
+        ``keep_cache`` (readers are attached, and likely still reading the newest chunks) it
+        stays until :meth:`drop_cache`, so that they keep sharing its chunks.
         """
         if self.closed:
             raise ValueError("exit code set twice")
         self.exit_code = exit_code
         self._storage.seal()
-        if not self._memory_only:
-            self._cache = None
+        if not keep_cache:
+            self.drop_cache()
         self._notify()
+
+    def drop_cache(self) -> None:
+        """Let the memory cache of a closed log go (storage has every chunk it holds)."""
+        if self.closed and not self._memory_only:
+            self._cache = None
 
     def destroy(self) -> None:
         """The exec is removed (PROTOCOL 11.2): its stored output goes with it."""
@@ -485,7 +500,8 @@ class ExecLog(_Notifier):
         """Append to ``items`` the chunks of ``segment`` from ``start``: at least one if
         ``items`` is empty, else while ``spent`` stays within ``budget``.  Returns the next
         sequence to read and what is spent."""
-        hint = self._positions.pop(start, None)
+        # Kept, not popped: clients that follow each other read from the same positions.
+        hint = self._positions.get(start)
         offset = hint[1] if hint is not None and hint[0] == segment.number else None
         if offset is None:
             offset = 0 if start == segment.first_sequence else self._locate(segment, start)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import itertools
 import re
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Iterator
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,6 +33,7 @@ __all__ = [
     "Clock",
     "ContainerRecord",
     "EventLog",
+    "EventSubscription",
     "ExecControls",
     "ExecRecord",
     "LifecycleEvent",
@@ -139,9 +140,70 @@ class LifecycleEvent:
     message: str = ""
 
 
+class EventSubscription:
+    """One lifecycle subscriber's live events: those emitted after it subscribed that match
+    its filter (PROTOCOL 8.3), handed to it by the log as they happen, so that an event costs
+    only the subscribers it matches.  At most ``capacity`` wait to be taken; past that the
+    oldest go, and the next :meth:`take` counts them as the gap before its first event
+    (PROTOCOL 8.5).  Filtered-out events are never seen here, so they never count as gaps."""
+
+    def __init__(
+        self, container_id: str, exec_id: str, capacity: int, wake: Callable[[], None]
+    ) -> None:
+        self.scope = (container_id, exec_id)
+        self._capacity = capacity
+        self._wake = wake
+        self._pending: deque[LifecycleEvent] = deque()
+        self._dropped = 0
+
+    def offer(self, event: LifecycleEvent) -> None:
+        if len(self._pending) >= self._capacity:
+            self._pending.popleft()
+            self._dropped += 1
+        self._pending.append(event)
+        self._wake()
+
+    def take(self) -> tuple[list[LifecycleEvent], int]:
+        """The waiting events, oldest first, and how many were dropped right before them."""
+        events = list(self._pending)
+        self._pending.clear()
+        dropped, self._dropped = self._dropped, 0
+        return events, dropped
+
+
 class EventLog(SequencedLog[LifecycleEvent]):
+    """The server's lifecycle events (PROTOCOL 8): a bounded history for replay, and the
+    live subscriptions, indexed by their filter."""
+
     def __init__(self, capacity: int) -> None:
         super().__init__(capacity, lambda _event: 1)
+        self._capacity = capacity
+        # (container_id, exec_id) of the filter, "" where unset -> its subscriptions
+        self._scopes: dict[tuple[str, str], dict[EventSubscription, None]] = {}
+
+    def subscribe(
+        self, container_id: str, exec_id: str, wake: Callable[[], None]
+    ) -> EventSubscription:
+        """Every matching event from ``next_sequence`` on goes to the subscription (PROTOCOL
+        8.4: none lost or doubled between the replayed history and it)."""
+        subscription = EventSubscription(container_id, exec_id, self._capacity, wake)
+        self._scopes.setdefault(subscription.scope, {})[subscription] = None
+        return subscription
+
+    def unsubscribe(self, subscription: EventSubscription) -> None:
+        scope = self._scopes.get(subscription.scope, {})
+        scope.pop(subscription, None)
+        if not scope:
+            self._scopes.pop(subscription.scope, None)
+
+    def _deliver(self, event: LifecycleEvent) -> None:
+        """PROTOCOL 8.3: everything; one container's events; one exec's events."""
+        scopes = [("", ""), (event.container_id, "")]
+        if event.exec_id:
+            scopes.append((event.container_id, event.exec_id))
+        for scope in scopes:
+            for subscription in tuple(self._scopes.get(scope, ())):
+                subscription.offer(event)
 
     def emit(
         self,
@@ -164,6 +226,7 @@ class EventLog(SequencedLog[LifecycleEvent]):
             message,
         )
         self._append(event)
+        self._deliver(event)
         self._notify()
         return event
 
@@ -352,7 +415,8 @@ class Registry:
         record.exited_at = self.clock.monotonic()
         self._live_count -= 1
         self._exited[record] = None
-        record.log.close(exit_code)
+        # The clients still reading keep sharing the cached chunks until the last one leaves.
+        record.log.close(exit_code, keep_cache=record.clients > 0)
         self.events.emit(
             record.finished_at_ns,
             record.container_id,
@@ -455,6 +519,8 @@ class Registry:
         record.clients -= 1
         if not record.clients and record.state is ExecState.REMOVED:
             record.log.destroy()
+        elif not record.clients:
+            record.log.drop_cache()  # exited: no memory for its output once nobody reads
 
     def subscribe(self) -> None:
         if self.subscribers >= self.limits.max_subscribers:

@@ -27,10 +27,11 @@ import grpc.aio
 
 from execstream import wire
 
+from ._encoding import encode_chunk
 from ._errors import ErrorCode, ExecError
-from ._log import MAX_CHUNK, Chunk, Cursor, Stream
+from ._log import MAX_CHUNK, Chunk, Cursor
 from ._metrics import ServerMetrics
-from ._registry import ExecRecord, LifecycleEvent, Registry, validate_id
+from ._registry import EventSubscription, ExecRecord, LifecycleEvent, Registry, validate_id
 from ._runner import ProcessRunner
 from ._state import ExecState
 
@@ -176,7 +177,7 @@ class ExecService:
         self,
         request_iterator: AsyncIterator[wire.SessionRequest],
         context: grpc.aio.ServicerContext[wire.SessionRequest, wire.SessionResponse],
-    ) -> AsyncIterator[wire.SessionResponse]:
+    ) -> AsyncIterator[wire.SessionResponse | bytes]:
         record: ExecRecord | None = None
         failure: ExecError | None = None
         with self._observed("Session") as outcome:
@@ -266,8 +267,9 @@ class ExecService:
         cursor: Cursor[Chunk],
         session_id: str,
         request_iterator: AsyncIterator[wire.SessionRequest],
-    ) -> AsyncIterator[wire.SessionResponse]:
-        """PROTOCOL 3.3-6.4 for one client: Ready, replay, Ready, live, exit."""
+    ) -> AsyncIterator[wire.SessionResponse | bytes]:
+        """PROTOCOL 3.3-6.4 for one client: Ready, replay, Ready, live, exit.  Chunks go
+        out as the bytes encoded once for every client (``_encoding``)."""
         wake = asyncio.Event()
         failure: list[ExecError] = []
         log_ = record.log
@@ -295,7 +297,7 @@ class ExecService:
                         if gap:
                             self.metrics.gap(gap)
                         # PROTOCOL 6.2: chunks below the sequence fixed at attach are replay.
-                        yield _chunk_response(chunk, chunk.sequence < boundary, gap)
+                        yield encode_chunk(chunk, chunk.sequence < boundary, gap)
                         gap = 0
                     self.metrics.streamed(
                         len(read.items),
@@ -401,11 +403,13 @@ class ExecService:
         with self._observed("ContainerLifecycle") as outcome:
             try:
                 self._admit(context)
-                cursor, last = self._subscribe(request)
+                wake = asyncio.Event()
+                cursor, last, subscription = self._subscribe(request, wake)
                 try:
-                    async for event in self._follow(cursor, last, request, context):
+                    async for event in self._follow(cursor, last, subscription, wake, context):
                         yield event
                 finally:
+                    self.registry.events.unsubscribe(subscription)
                     self.registry.unsubscribe()
             except ExecError as error:
                 failure = error
@@ -417,9 +421,11 @@ class ExecService:
                 await _abort(context, failure)
 
     def _subscribe(
-        self, request: wire.ContainerLifecycleRequest
-    ) -> tuple[Cursor[LifecycleEvent], int]:
-        """PROTOCOL 8.3, 8.4: check the filter, fix the cut, count the subscriber."""
+        self, request: wire.ContainerLifecycleRequest, wake: asyncio.Event
+    ) -> tuple[Cursor[LifecycleEvent], int, EventSubscription]:
+        """PROTOCOL 8.3, 8.4: check the filter, count the subscriber, fix the cut: the
+        history up to ``last`` is read with the cursor, what follows comes through the
+        subscription, made in the same step."""
         if request.exec_id and not request.container_id:
             raise ExecError(ErrorCode.INVALID_ARGUMENT, "exec_id needs container_id")
         if request.container_id:
@@ -433,36 +439,44 @@ class ExecService:
             start = max(request.replay_from_sequence, 1)
         cursor = Cursor(events, start)
         self.registry.subscribe()
-        return cursor, last
+        subscription = events.subscribe(request.container_id, request.exec_id, wake.set)
+        return cursor, last, subscription
 
     async def _follow(
         self,
         cursor: Cursor[LifecycleEvent],
         last: int,
-        request: wire.ContainerLifecycleRequest,
+        subscription: EventSubscription,
+        wake: asyncio.Event,
         context: _Ctx,
     ) -> AsyncIterator[wire.ContainerLifecycleEvent]:
-        wake = asyncio.Event()
-        events = self.registry.events
-        events.add_listener(wake.set)
+        container_id, exec_id = subscription.scope
         self._wakes.add(wake)
         try:
             await context.send_initial_metadata((("execstream-last-sequence", str(last)),))
             gap = 0
-            while True:
+            while not cursor.caught_up and cursor.position <= last:  # the replay (8.4)
                 self._check_live()
-                read = cursor.read()
-                gap += read.gap_before  # PROTOCOL 8.5
+                position = cursor.position
+                read = cursor.read(until=last + 1)
+                # PROTOCOL 8.5; evicted events past ``last`` are the subscription's, not lost
+                gap += min(read.gap_before, last + 1 - position)
                 for event in read.items:
-                    if _matches(event, request):
-                        yield _event_message(event, event.sequence <= last, gap)
+                    if _matches(event, container_id, exec_id):
+                        yield _event_message(event, True, gap)
                         gap = 0
+            while True:  # live: only the matching events wake this subscriber
+                self._check_live()
                 wake.clear()
-                if cursor.caught_up and not self._closing:
+                events, dropped = subscription.take()
+                gap += dropped  # PROTOCOL 8.5
+                for event in events:
+                    yield _event_message(event, False, gap)
+                    gap = 0
+                if not events and not self._closing:
                     await wake.wait()
         finally:
             self._wakes.discard(wake)
-            events.remove_listener(wake.set)
 
     # -- status and control -------------------------------------------------------------
 
@@ -577,25 +591,11 @@ def _sync(call: Callable[[], _R]) -> Callable[[], Awaitable[_R]]:
     return run
 
 
-def _chunk_response(chunk: Chunk, is_replay: bool, gap: int) -> wire.SessionResponse:
-    data = chunk.data
-    return wire.SessionResponse(
-        output_chunk=wire.OutputChunk(
-            sequence=chunk.sequence,
-            timestamp=chunk.timestamp_ns,
-            stdout=data if chunk.stream is Stream.STDOUT else None,
-            stderr=data if chunk.stream is Stream.STDERR else None,
-            is_replay=is_replay,
-            gap_before=gap,
-        )
-    )
-
-
-def _matches(event: LifecycleEvent, request: wire.ContainerLifecycleRequest) -> bool:
+def _matches(event: LifecycleEvent, container_id: str, exec_id: str) -> bool:
     """PROTOCOL 8.3."""
-    if request.container_id and event.container_id != request.container_id:
+    if container_id and event.container_id != container_id:
         return False
-    return not request.exec_id or event.exec_id == request.exec_id
+    return not exec_id or event.exec_id == exec_id
 
 
 def _event_message(

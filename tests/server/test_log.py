@@ -516,3 +516,36 @@ def test_cursors_account_for_every_sequence_exactly_once(
     assert seen == written
     if not limit:
         assert received[1:] == [received[0]] * 3, "no limit: every reader gets everything"
+
+
+def test_a_kept_cache_serves_the_same_chunks_until_it_is_dropped() -> None:
+    log = filled(5)
+    live = log.read(1).items
+    log.close(0, keep_cache=True)
+    assert log.cached_from == 1
+    assert log.read(1).items == live
+    log.drop_cache()
+    assert log.cached_from == log.next_sequence
+    assert log.read(1).items == live  # the same chunks, read back from storage (6.7)
+
+
+def test_readers_at_the_same_position_of_storage_share_where_it_is() -> None:
+    """Clients that follow each other through storage do not each walk a segment's
+    records to find their next chunk."""
+    log = filled(40, size=1000, closed=True)
+    storage = log._storage
+    assert isinstance(storage, MemoryStorage)
+    cursors = [Cursor(log, 1) for _ in range(3)]
+    for cursor in cursors:
+        assert sequences(cursor.read(max_cost=10_000).items) == list(range(1, 11))
+    reads: list[int] = []
+    original = storage.read
+
+    def counted(segment: int, offset: int, size: int) -> bytes:
+        reads.append(offset)
+        return original(segment, offset, size)
+
+    storage.read = counted  # type: ignore[method-assign]
+    for cursor in cursors:
+        assert sequences(cursor.read(max_cost=10_000).items) == list(range(11, 21))
+    assert len(reads) == 3 and 0 not in reads, "each reader read once, from where it was"

@@ -852,3 +852,40 @@ async def test_end_leftovers_kills_the_processes_of_a_dead_runtime(tmp_path: Pat
 
     await eventually(lambda: not alive(background) and not alive(main), "the leftovers to die")
     await closed_and_clean(dead)
+
+
+async def test_killing_or_removing_an_exited_exec_scans_no_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the freezer, an empty group answers that nothing of an exited exec is left, so
+    its removal costs no /proc scan on the event loop; a group with a process left in it
+    still has that process killed."""
+    from execstream.server.runtime.process import _runtime
+
+    rt = ProcessRuntime(tmp_path / "state", drain_timeout=1.0, cgroup_freezer=True)
+    try:
+        try:
+            assert rt.pause_method == "freezer"
+        except RuntimeError as exc:
+            pytest.skip(str(exc))
+        scans: list[int] = []
+
+        def counted() -> dict[int, _procfs.ProcStat]:
+            scans.append(1)
+            return _procfs.scan_proc()
+
+        monkeypatch.setattr(_runtime, "scan_proc", counted)
+        done = await start(rt, ["true"])
+        assert await done.wait() == 0
+        before = len(scans)
+        await done.proc.kill()  # what closing the server does to every exec it retains
+        done.proc.release()
+        assert len(scans) == before, "killed or released an exec with nothing left by a scan"
+
+        run = await start(rt, ["sh", "-c", "setsid sleep 30 & echo $!"])
+        assert await run.wait(timeout=5) == 0
+        (sleeper,) = run.pids()
+        run.proc.release()
+        await eventually(lambda: not exists(sleeper), "the released exec's sleep to be gone")
+    finally:
+        await closed_and_clean(rt)

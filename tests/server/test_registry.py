@@ -15,6 +15,7 @@ from execstream.server._errors import ErrorCode, ExecError
 from execstream.server._log import MIN_OUTPUT_LIMIT, Stream
 from execstream.server._registry import (
     ContainerRecord,
+    EventSubscription,
     ExecRecord,
     LifecycleEvent,
     Limits,
@@ -798,3 +799,71 @@ def test_output_of_a_removed_exec_stays_for_the_clients_still_reading_it(
     assert (tmp_path / "c1" / "e1").is_dir()
     registry.detach(record)
     assert not (tmp_path / "c1").exists()
+
+
+def test_an_event_goes_only_to_the_subscriptions_it_matches(registry: Registry) -> None:
+    """PROTOCOL 8.3: everything, a container's events, an exec's events; each subscription
+    is handed only what matches, and woken only for that."""
+    woken: list[str] = []
+    log = registry.events
+    everything = log.subscribe("", "", lambda: woken.append("all"))
+    container = log.subscribe("c1", "", lambda: woken.append("c1"))
+    one_exec = log.subscribe("c1", "e2", lambda: woken.append("c1/e2"))
+    other = log.subscribe("c9", "", lambda: woken.append("c9"))
+    registry.register("c1", "e1")  # created, registered
+    registry.register("c1", "e2")  # registered
+    assert woken == ["all", "c1", "all", "c1", "all", "c1", "c1/e2"]
+
+    def kinds(subscription: EventSubscription) -> list[tuple[str, str]]:
+        taken, dropped = subscription.take()
+        assert dropped == 0
+        return [(e.exec_id, e.event_type) for e in taken]
+
+    assert kinds(everything) == [("", "created"), ("e1", "registered"), ("e2", "registered")]
+    assert kinds(everything) == []  # taken once
+    assert kinds(container) == [("", "created"), ("e1", "registered"), ("e2", "registered")]
+    assert kinds(one_exec) == [("e2", "registered")]
+    assert kinds(other) == []
+    log.unsubscribe(one_exec)
+    registry.register("c1", "e3")
+    assert kinds(one_exec) == []
+
+
+def test_a_subscription_that_is_not_taken_counts_what_it_drops(clock: FakeClock) -> None:
+    """PROTOCOL 8.5: at most the history bound waits; the dropped are the gap before the
+    first event taken.  Events of other containers never count (8.3)."""
+    registry = Registry(Limits(event_history=3), clock)
+    subscription = registry.events.subscribe("c1", "", lambda: None)
+    for i in range(4):
+        registry.register("c2", f"e{i}")  # not c1's: never held, never a gap
+    for i in range(5):
+        registry.register("c1", f"e{i}")  # created + 5 registered = 6 events
+    taken, dropped = subscription.take()
+    assert dropped == 3
+    assert [e.exec_id for e in taken] == ["e2", "e3", "e4"]
+    assert subscription.take() == ([], 0)
+
+
+def test_clients_reading_when_the_exec_exits_keep_its_cache_until_the_last_leaves(
+    registry: Registry,
+) -> None:
+    """The newest chunks stay shared by the clients still reading them when the exec exits;
+    once nobody reads, the exited exec holds no output in memory (its storage has it all)."""
+    record = running(registry)
+    record.log.append(Stream.STDOUT, b"x" * 100, 1)
+    first, second = registry.attach(record, 0), registry.attach(record, 0)
+    registry.mark_exited(record, 0)
+    assert record.log.cached_from == 1
+    assert [c.data for c in first.read().items] == [b"x" * 100]
+    registry.detach(record)
+    assert record.log.cached_from == 1, "one client is still reading"
+    registry.detach(record)
+    assert record.log.cached_from == record.log.next_sequence == 2
+    assert [c.data for c in second.read().items] == [b"x" * 100]  # from storage
+
+
+def test_an_exec_that_exits_without_clients_lets_its_cache_go(registry: Registry) -> None:
+    record = running(registry)
+    record.log.append(Stream.STDOUT, b"x" * 100, 1)
+    registry.mark_exited(record, 0)
+    assert record.log.cached_from == record.log.next_sequence
