@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from .._errors import ErrorCode, ExecError
 
@@ -30,8 +30,28 @@ __all__ = [
     "RunningExec",
     "Runtime",
     "check_terminal_size",
+    "in_scope",
     "refused_spawn",
 ]
+
+_Exec = TypeVar("_Exec")
+
+
+def in_scope(
+    execs: Mapping[tuple[str, str], _Exec], container_id: str, exec_id: str | None = None
+) -> list[_Exec]:
+    """The execs a control request names (PROTOCOL 10): one exec, or every exec of the
+    container; NOT_FOUND when there is none."""
+    if exec_id is not None:
+        proc = execs.get((container_id, exec_id))
+        if proc is None:
+            raise ExecError(ErrorCode.NOT_FOUND, f"exec {container_id}/{exec_id} not found")
+        return [proc]
+    found = [p for (c, _), p in execs.items() if c == container_id]
+    if not found:
+        raise ExecError(ErrorCode.NOT_FOUND, f"container {container_id!r} not found")
+    return found
+
 
 # Failures of the server's own resources while spawning, not of the request.
 _OUT_OF_RESOURCES = frozenset(

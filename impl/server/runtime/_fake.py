@@ -15,7 +15,7 @@ import signal
 from collections.abc import Iterator
 
 from .._errors import ErrorCode, ExecError
-from ._base import ExecSpec, OutputSink, ResourceSample, check_terminal_size
+from ._base import ExecSpec, OutputSink, ResourceSample, check_terminal_size, in_scope
 
 __all__ = ["FakeExec", "FakeRuntime"]
 
@@ -173,15 +173,7 @@ class FakeRuntime:
             proc.release()
 
     def _scope(self, container_id: str, exec_id: str | None = None) -> list[FakeExec]:
-        if exec_id is not None:
-            proc = self.execs.get((container_id, exec_id))
-            if proc is None:
-                raise ExecError(ErrorCode.NOT_FOUND, f"exec {container_id}/{exec_id} not found")
-            return [proc]
-        execs = [p for (c, _), p in self.execs.items() if c == container_id]
-        if not execs:
-            raise ExecError(ErrorCode.NOT_FOUND, f"container {container_id!r} not found")
-        return execs
+        return in_scope(self.execs, container_id, exec_id)
 
     def _forget(self, proc: FakeExec) -> None:
         del self.execs[(proc.container_id, proc.exec_id)]

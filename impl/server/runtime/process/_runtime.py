@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from ..._errors import ErrorCode, ExecError
-from .._base import ExecSpec, OutputSink, ResourceSample, refused_spawn
+from .._base import ExecSpec, OutputSink, ResourceSample, in_scope, refused_spawn
 from ._exec import ProcessExec
 from ._finder import ProcessFinder
 from ._freezer import Freezer
@@ -268,15 +268,7 @@ class ProcessRuntime:
         return [*self._execs.values(), *self._graveyard]
 
     def _scope(self, container_id: str, exec_id: str | None = None) -> list[ProcessExec]:
-        if exec_id is not None:
-            proc = self._execs.get((container_id, exec_id))
-            if proc is None:
-                raise ExecError(ErrorCode.NOT_FOUND, f"exec {container_id}/{exec_id} not found")
-            return [proc]
-        execs = [p for (c, _), p in self._execs.items() if c == container_id]
-        if not execs:
-            raise ExecError(ErrorCode.NOT_FOUND, f"container {container_id!r} not found")
-        return execs
+        return in_scope(self._execs, container_id, exec_id)
 
     def note_exit(self, proc: ProcessExec) -> None:
         """:class:`ExecOwner`: the main process of ``proc`` was reaped."""
