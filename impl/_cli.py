@@ -34,14 +34,8 @@ from ._cli_client import (  # noqa: E402
     add_global_options,
     apply_global_options,
 )
-from .server import (  # noqa: E402
-    RUNTIMES,
-    BindError,
-    ExecServer,
-    Limits,
-    ServerSettings,
-    SettingError,
-)
+from .server import BindError, ExecServer, Limits, ServerSettings, SettingError  # noqa: E402
+from .server._server import RUNTIMES  # noqa: E402
 from .server.runtime.runc import RuntimeUnavailable  # noqa: E402
 
 __all__ = ["build_parser", "main"]

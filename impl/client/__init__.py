@@ -38,7 +38,6 @@ from ._errors import (
     ServerShuttingDown,
     Unauthenticated,
     Unavailable,
-    error_from_status,
 )
 from ._events import (
     ExecEvent,
@@ -84,5 +83,4 @@ __all__ = [
     "SyncExec",
     "Unauthenticated",
     "Unavailable",
-    "error_from_status",
 ]

@@ -26,7 +26,7 @@ from typing import Protocol
 
 from ._errors import ErrorCode, ExecError, SettingError
 from ._log import MAX_CHUNK, MIN_OUTPUT_LIMIT, Chunk, Cursor, ExecLog, SequencedLog, StorageBudget
-from ._state import ExecEvent, ExecState, next_state
+from ._state import ExecInput, ExecState, next_state
 from ._storage import DirectoryArea, StorageArea
 
 __all__ = [
@@ -36,7 +36,7 @@ __all__ = [
     "EventSubscription",
     "ExecControls",
     "ExecRecord",
-    "LifecycleEvent",
+    "LifecycleRecord",
     "Limits",
     "Registry",
     "SystemClock",
@@ -127,8 +127,9 @@ class ExecControls(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class LifecycleEvent:
-    """One ``ContainerLifecycleEvent`` (PROTOCOL 8.1)."""
+class LifecycleRecord:
+    """What the registry keeps of one lifecycle event; sent as one ``ContainerLifecycleEvent``
+    (PROTOCOL 8.1)."""
 
     sequence: int
     timestamp_ns: int
@@ -153,17 +154,17 @@ class EventSubscription:
         self.scope = (container_id, exec_id)
         self._capacity = capacity
         self._wake = wake
-        self._pending: deque[LifecycleEvent] = deque()
+        self._pending: deque[LifecycleRecord] = deque()
         self._dropped = 0
 
-    def offer(self, event: LifecycleEvent) -> None:
+    def offer(self, event: LifecycleRecord) -> None:
         if len(self._pending) >= self._capacity:
             self._pending.popleft()
             self._dropped += 1
         self._pending.append(event)
         self._wake()
 
-    def take(self) -> tuple[list[LifecycleEvent], int]:
+    def take(self) -> tuple[list[LifecycleRecord], int]:
         """The waiting events, oldest first, and how many were dropped right before them."""
         events = list(self._pending)
         self._pending.clear()
@@ -171,7 +172,7 @@ class EventSubscription:
         return events, dropped
 
 
-class EventLog(SequencedLog[LifecycleEvent]):
+class EventLog(SequencedLog[LifecycleRecord]):
     """The server's lifecycle events (PROTOCOL 8): a bounded history for replay, and the
     live subscriptions, indexed by their filter."""
 
@@ -196,7 +197,7 @@ class EventLog(SequencedLog[LifecycleEvent]):
         if not scope:
             self._scopes.pop(subscription.scope, None)
 
-    def _deliver(self, event: LifecycleEvent) -> None:
+    def _deliver(self, event: LifecycleRecord) -> None:
         """PROTOCOL 8.3: everything; one container's events; one exec's events."""
         scopes = [("", ""), (event.container_id, "")]
         if event.exec_id:
@@ -214,8 +215,8 @@ class EventLog(SequencedLog[LifecycleEvent]):
         status: str,
         exit_code: int = 0,
         message: str = "",
-    ) -> LifecycleEvent:
-        event = LifecycleEvent(
+    ) -> LifecycleRecord:
+        event = LifecycleRecord(
             self.next_sequence,
             timestamp_ns,
             container_id,
@@ -398,11 +399,11 @@ class Registry:
         self.events.emit(now, container_id, exec_id, "registered", record.state.value)
         return record
 
-    def _move(self, record: ExecRecord, event: ExecEvent) -> None:
+    def _move(self, record: ExecRecord, event: ExecInput) -> None:
         record.state = next_state(record.state, event)
 
     def mark_started(self, record: ExecRecord) -> None:
-        self._move(record, ExecEvent.START)
+        self._move(record, ExecInput.START)
         record.started_at_ns = self.clock.wall_ns()
         self.events.emit(
             record.started_at_ns, record.container_id, record.exec_id, "started", record.state.value
@@ -410,7 +411,7 @@ class Registry:
 
     def mark_exited(self, record: ExecRecord, exit_code: int, message: str = "") -> None:
         """PROTOCOL 5.1: close the log after its last chunk; retention starts now."""
-        self._move(record, ExecEvent.EXIT)
+        self._move(record, ExecInput.EXIT)
         record.finished_at_ns = self.clock.wall_ns()
         record.exited_at = self.clock.monotonic()
         self._live_count -= 1
@@ -429,7 +430,7 @@ class Registry:
 
     def remove(self, record: ExecRecord) -> None:
         """PROTOCOL 11.2: forget the exec; the container goes with its last exec."""
-        self._move(record, ExecEvent.REMOVE)
+        self._move(record, ExecInput.REMOVE)
         if not record.clients:  # else the last attached client's detach destroys it
             record.log.destroy()
         container = record.container
@@ -460,7 +461,7 @@ class Registry:
                 f"container {container.container_id!r} has no running exec",
             )
         for record in running:
-            self._move(record, ExecEvent.PAUSE)
+            self._move(record, ExecInput.PAUSE)
         container.paused = True
         self.events.emit(
             self.clock.wall_ns(), container.container_id, "", "paused", container.state.value
@@ -477,7 +478,7 @@ class Registry:
         self.check_paused(container)
         for record in container.execs.values():
             if record.state is ExecState.PAUSED:
-                self._move(record, ExecEvent.RESUME)
+                self._move(record, ExecInput.RESUME)
         container.paused = False
         self.events.emit(
             self.clock.wall_ns(), container.container_id, "", "resumed", container.state.value

@@ -1,6 +1,6 @@
 """Runs execs created over the wire with a runtime, through the executor API.
 
-The service asks a :class:`ProcessRunner` to create an exec (register, spawn, supervise
+The service asks an :class:`ExecRunner` to create an exec (register, spawn, supervise
 until exit), to control containers (pause, resume, signal, usage) and to remove execs after
 retention.  It knows runtimes only by their contract,
 :class:`~execstream.server.runtime.Runtime`.  An engine that runs execs itself needs none of
@@ -21,12 +21,12 @@ from ._registry import ContainerRecord, ExecRecord
 from ._state import ExecState
 from .runtime import ExecSpec, ResourceSample, RunningExec, Runtime
 
-__all__ = ["ProcessRunner"]
+__all__ = ["ExecRunner"]
 
 log = logging.getLogger("execstream.server")
 
 
-class ProcessRunner:
+class ExecRunner:
     def __init__(self, executor: Executor, runtime: Runtime) -> None:
         self.executor = executor
         self.runtime = runtime

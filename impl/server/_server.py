@@ -31,7 +31,7 @@ from ._errors import SettingError
 from ._executor import Executor
 from ._metrics import MetricsEndpoint, ServerMetrics
 from ._registry import Clock, ExecRecord, Limits, Registry
-from ._runner import ProcessRunner
+from ._runner import ExecRunner
 from ._service import ExecService
 from ._standard import HEALTH_SERVICE, HealthReporter, add_reflection
 from ._state_dir import StateDirLock
@@ -405,7 +405,7 @@ class ExecAttachable:
         self,
         executor: Executor | None = None,
         *,
-        runner: ProcessRunner | None = None,
+        runner: ExecRunner | None = None,
         token: str | None = None,
         retention: float = 300.0,
         cleanup_interval: float = 30.0,
@@ -500,7 +500,7 @@ class ExecServer:
         self.runtime = runtime
         self.attachable = ExecAttachable(
             executor,
-            runner=ProcessRunner(executor, self.runtime),
+            runner=ExecRunner(executor, self.runtime),
             token=self.settings.token,
             retention=self.settings.retention,
             cleanup_interval=self.settings.cleanup_interval,

@@ -31,8 +31,8 @@ from ._encoding import encode_chunk
 from ._errors import ErrorCode, ExecError
 from ._log import MAX_CHUNK, Chunk, Cursor
 from ._metrics import ServerMetrics
-from ._registry import EventSubscription, ExecRecord, LifecycleEvent, Registry, validate_id
-from ._runner import ProcessRunner
+from ._registry import EventSubscription, ExecRecord, LifecycleRecord, Registry, validate_id
+from ._runner import ExecRunner
 from ._state import ExecState
 
 __all__ = ["STATUS_OF", "ExecService", "parse_signal"]
@@ -83,7 +83,7 @@ class ExecService:
     def __init__(
         self,
         registry: Registry,
-        runner: ProcessRunner | None,
+        runner: ExecRunner | None,
         *,
         token: str | None = None,
         metrics: ServerMetrics | None = None,
@@ -422,7 +422,7 @@ class ExecService:
 
     def _subscribe(
         self, request: wire.ContainerLifecycleRequest, wake: asyncio.Event
-    ) -> tuple[Cursor[LifecycleEvent], int, EventSubscription]:
+    ) -> tuple[Cursor[LifecycleRecord], int, EventSubscription]:
         """PROTOCOL 8.3, 8.4: check the filter, count the subscriber, fix the cut: the
         history up to ``last`` is read with the cursor, what follows comes through the
         subscription, made in the same step."""
@@ -444,7 +444,7 @@ class ExecService:
 
     async def _follow(
         self,
-        cursor: Cursor[LifecycleEvent],
+        cursor: Cursor[LifecycleRecord],
         last: int,
         subscription: EventSubscription,
         wake: asyncio.Event,
@@ -532,7 +532,7 @@ class ExecService:
             io_write_bytes=sample.io_write_bytes,
         )
 
-    def _runner(self) -> ProcessRunner:
+    def _runner(self) -> ExecRunner:
         if self.runner is None:
             raise ExecError(ErrorCode.FAILED_PRECONDITION, "this server does not control processes")
         return self.runner
@@ -591,7 +591,7 @@ def _sync(call: Callable[[], _R]) -> Callable[[], Awaitable[_R]]:
     return run
 
 
-def _matches(event: LifecycleEvent, container_id: str, exec_id: str) -> bool:
+def _matches(event: LifecycleRecord, container_id: str, exec_id: str) -> bool:
     """PROTOCOL 8.3."""
     if container_id and event.container_id != container_id:
         return False
@@ -599,7 +599,7 @@ def _matches(event: LifecycleEvent, container_id: str, exec_id: str) -> bool:
 
 
 def _event_message(
-    event: LifecycleEvent, is_replay: bool, gap: int
+    event: LifecycleRecord, is_replay: bool, gap: int
 ) -> wire.ContainerLifecycleEvent:
     return wire.ContainerLifecycleEvent(
         container_id=event.container_id,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 
-__all__ = ["TRANSITIONS", "ExecEvent", "ExecState", "IllegalTransition", "next_state"]
+__all__ = ["TRANSITIONS", "ExecInput", "ExecState", "IllegalTransition", "next_state"]
 
 
 class ExecState(enum.Enum):
@@ -27,7 +27,10 @@ class ExecState(enum.Enum):
     REMOVED = "removed"
 
 
-class ExecEvent(enum.Enum):
+class ExecInput(enum.Enum):
+    """What moves an exec from one state to the next: the machine's inputs (not to be
+    confused with the client's ``ExecEvent``, what a client receives)."""
+
     START = "start"
     PAUSE = "pause"
     RESUME = "resume"
@@ -35,9 +38,9 @@ class ExecEvent(enum.Enum):
     REMOVE = "remove"
 
 
-_S, _E = ExecState, ExecEvent
+_S, _E = ExecState, ExecInput
 
-TRANSITIONS: Mapping[ExecState, Mapping[ExecEvent, ExecState]] = {
+TRANSITIONS: Mapping[ExecState, Mapping[ExecInput, ExecState]] = {
     # An exec whose process never started (spawn failed) exits without running.
     _S.PENDING: {_E.START: _S.RUNNING, _E.EXIT: _S.EXITED, _E.REMOVE: _S.REMOVED},
     _S.RUNNING: {_E.PAUSE: _S.PAUSED, _E.EXIT: _S.EXITED, _E.REMOVE: _S.REMOVED},
@@ -51,7 +54,7 @@ TRANSITIONS: Mapping[ExecState, Mapping[ExecEvent, ExecState]] = {
 class IllegalTransition(Exception):
     """A caller asked for a move the table does not have: a bug in the caller."""
 
-    def __init__(self, state: ExecState, event: ExecEvent) -> None:
+    def __init__(self, state: ExecState, event: ExecInput) -> None:
         allowed = ", ".join(e.value for e in TRANSITIONS[state]) or "nothing"
         super().__init__(
             f"exec in state {state.value!r} cannot {event.value!r} (allowed: {allowed})"
@@ -60,7 +63,7 @@ class IllegalTransition(Exception):
         self.event = event
 
 
-def next_state(state: ExecState, event: ExecEvent) -> ExecState:
+def next_state(state: ExecState, event: ExecInput) -> ExecState:
     try:
         return TRANSITIONS[state][event]
     except KeyError:

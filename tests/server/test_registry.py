@@ -17,7 +17,7 @@ from execstream.server._registry import (
     ContainerRecord,
     EventSubscription,
     ExecRecord,
-    LifecycleEvent,
+    LifecycleRecord,
     Limits,
     Registry,
     validate_id,
@@ -56,7 +56,7 @@ def registry(clock: FakeClock) -> Registry:
     return Registry(clock=clock)
 
 
-def events(registry: Registry) -> list[LifecycleEvent]:
+def events(registry: Registry) -> list[LifecycleRecord]:
     return registry.events.read(0).items
 
 

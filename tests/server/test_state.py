@@ -8,7 +8,7 @@ import pytest
 
 from execstream.server._state import (
     TRANSITIONS,
-    ExecEvent,
+    ExecInput,
     ExecState,
     IllegalTransition,
     next_state,
@@ -19,13 +19,13 @@ ALLOWED = [
 ]
 FORBIDDEN = [
     (state, event)
-    for state, event in itertools.product(ExecState, ExecEvent)
+    for state, event in itertools.product(ExecState, ExecInput)
     if event not in TRANSITIONS.get(state, {})
 ]
 
 
 def _name(value: object) -> str:
-    return value.name if isinstance(value, ExecState | ExecEvent) else str(value)
+    return value.name if isinstance(value, ExecState | ExecInput) else str(value)
 
 
 def test_every_state_has_a_row() -> None:
@@ -33,13 +33,13 @@ def test_every_state_has_a_row() -> None:
 
 
 @pytest.mark.parametrize(("state", "event", "target"), ALLOWED, ids=_name)
-def test_allowed_transition(state: ExecState, event: ExecEvent, target: ExecState) -> None:
+def test_allowed_transition(state: ExecState, event: ExecInput, target: ExecState) -> None:
     assert next_state(state, event) is target
 
 
 @pytest.mark.parametrize(("state", "event"), FORBIDDEN, ids=_name)
 def test_forbidden_transition_raises_naming_state_and_event(
-    state: ExecState, event: ExecEvent
+    state: ExecState, event: ExecInput
 ) -> None:
     with pytest.raises(IllegalTransition) as caught:
         next_state(state, event)
@@ -54,12 +54,12 @@ def test_forbidden_transition_raises_naming_state_and_event(
 
 
 def test_table_and_forbidden_cover_every_pair() -> None:
-    assert len(ALLOWED) + len(FORBIDDEN) == len(ExecState) * len(ExecEvent)
+    assert len(ALLOWED) + len(FORBIDDEN) == len(ExecState) * len(ExecInput)
     assert FORBIDDEN, "some moves must be illegal"
 
 
-@pytest.mark.parametrize("event", list(ExecEvent), ids=_name)
-def test_removed_is_terminal(event: ExecEvent) -> None:
+@pytest.mark.parametrize("event", list(ExecInput), ids=_name)
+def test_removed_is_terminal(event: ExecInput) -> None:
     assert TRANSITIONS[ExecState.REMOVED] == {}
     with pytest.raises(IllegalTransition, match="allowed: nothing"):
         next_state(ExecState.REMOVED, event)
@@ -69,12 +69,12 @@ def test_every_state_reaches_removed() -> None:
     """No state is a dead end short of REMOVED: retention can always clean up (11.2)."""
     for state in ExecState:
         if state is not ExecState.REMOVED:
-            assert next_state(state, ExecEvent.REMOVE) is ExecState.REMOVED
+            assert next_state(state, ExecInput.REMOVE) is ExecState.REMOVED
 
 
 def test_exited_only_moves_to_removed() -> None:
     """An exited exec never runs again: only removal follows (PROTOCOL 5.1, 11.2)."""
-    assert dict(TRANSITIONS[ExecState.EXITED]) == {ExecEvent.REMOVE: ExecState.REMOVED}
+    assert dict(TRANSITIONS[ExecState.EXITED]) == {ExecInput.REMOVE: ExecState.REMOVED}
 
 
 def test_states_carry_the_wire_values() -> None:
