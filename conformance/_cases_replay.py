@@ -486,11 +486,22 @@ async def replay_after_exit_complete(ctx: CaseContext) -> None:
 )
 async def attachable_during_retention(ctx: CaseContext) -> None:
     retention, _ = retention_settings(ctx)
-    began = asyncio.get_running_loop().time()
-    c, e, first = await _finished_exec(ctx, 4)
-    # Well into the retention, counted from before the exec started: the exit the server
-    # times it from came earlier than this client saw it, by as much as the machine's load.
-    await asyncio.sleep(max(0.0, began + retention * 0.5 - asyncio.get_running_loop().time()))
+    clock = asyncio.get_running_loop().time
+    for _attempt in range(3):
+        began = clock()
+        c, e, first = await _finished_exec(ctx, 4)
+        # The server times the retention from the exit, which came before this client saw
+        # it: an exec that took half the retention to run leaves no safe moment to attach
+        # (a loaded machine, a short retention), so it proves nothing; another one might.
+        if clock() - began < retention * 0.5:
+            break
+    else:
+        raise Skip(
+            f"three execs each took over half the retention ({retention:g} s) to run: "
+            "too slow to check it; give the target a longer retention"
+        )
+    # Well into the retention, counted from before the exec started.
+    await asyncio.sleep(max(0.0, began + retention * 0.5 - clock()))
     late = await (await ctx.attach(c, e)).finished()
     expect_flow(late)
     expect_same_chunks([first, late])

@@ -26,8 +26,8 @@ from execstream.client import (
     ServerShuttingDown,
     Unauthenticated,
     Unavailable,
-    error_from_status,
 )
+from execstream.client._errors import error_from_status
 from execstream.server import Limits
 from execstream.server.testing import serve
 
