@@ -79,6 +79,8 @@ def parse_signal(name: str) -> int:
 
 _INTERNAL = ExecError(ErrorCode.INTERNAL, "Internal Server Error")
 _SHUTTING_DOWN = ExecError(ErrorCode.UNAVAILABLE, "server shutting down")
+#: How the end of a call reaches its handler when the client went away (cancel, deadline).
+_GONE = (asyncio.CancelledError, GeneratorExit)
 
 
 class _Boundary:
@@ -112,8 +114,8 @@ class _Boundary:
         elif isinstance(error, Exception):
             log.error("internal error in %s", self._method, exc_info=error)
             failure = _INTERNAL
-        else:  # the client went away (CancelledError, GeneratorExit): nobody to tell
-            self._count("CANCELLED")
+        else:  # the client went away (CancelledError, GeneratorExit), or the server stops
+            self._count("CANCELLED" if isinstance(error, _GONE) else "UNKNOWN")
             return
         status = STATUS_OF[failure.code]
         self._count(status.name)
