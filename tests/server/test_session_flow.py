@@ -663,6 +663,35 @@ def test_a_server_step_out_of_turn_is_one_clear_error(
     assert caught.value.state is state and caught.value.step is step
 
 
+HEARD = [s for s in SessionState if s not in (SessionState.OPENING, SessionState.FAILED)]
+EVENT_OF = {
+    Step.START: Start(container_id=C, exec_id=E),
+    Step.STDIN: Stdin(data=b"x"),
+    Step.RESIZE: Resize(width=1, height=1),
+    Step.EMPTY: EmptyMessage(),
+    Step.HALF_CLOSE: HalfClose(),
+}
+FORBIDDEN_CLIENT_STEPS = [
+    (state, step)
+    for state, step in itertools.product(HEARD, sorted(CLIENT_STEPS, key=lambda s: s.value))
+    if step not in TRANSITIONS[state]
+]
+
+
+@pytest.mark.parametrize(("state", "step"), FORBIDDEN_CLIENT_STEPS, ids=_name)
+def test_a_client_step_out_of_turn_is_the_clients_invalid_argument(
+    registry: Registry, state: SessionState, step: Step
+) -> None:
+    """PROTOCOL 3.1: whatever the table does not allow the client ends its stream."""
+    flow = flow_in(registry, state)
+    with pytest.raises(ExecError) as refused:
+        flow.receive(EVENT_OF[step])  # type: ignore[arg-type]
+    assert refused.value.code is ErrorCode.INVALID_ARGUMENT
+    # A breach racing the end of the stream changes nothing: exit was sent, and it stays.
+    ended = SessionState.EXITED if state is SessionState.EXITED else SessionState.FAILED
+    assert flow.state is ended
+
+
 @pytest.mark.parametrize("state", [SessionState.AWAIT_START, SessionState.OPENING], ids=_name)
 def test_nothing_is_sent_before_the_exec_is_opened(registry: Registry, state: SessionState) -> None:
     flow = flow_in(registry, state)
