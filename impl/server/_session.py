@@ -283,7 +283,6 @@ class SessionFlow:
         self._state = SessionState.AWAIT_START
         self._error: Exception | None = None
         self._session_id = ""
-        self._replay_from = 0
         self._record: ExecRecord | None = None
         self._log: ExecLog | None = None
         self._cursor: Cursor[Chunk] | None = None
