@@ -590,6 +590,28 @@ def test_shutdown_ends_a_waiting_session_with_unavailable(registry: Registry) ->
     assert ended.value.code is ErrorCode.UNAVAILABLE
 
 
+def test_shutdown_before_the_exec_is_opened_refuses_the_start_or_the_attach(
+    registry: Registry,
+) -> None:
+    """PROTOCOL 13.2: a session waiting for its start, or for its exec to be spawned."""
+    shutdown = ExecError(ErrorCode.UNAVAILABLE, "server shutting down")
+    waiting_for_start = new_flow(registry)
+    waiting_for_start.fail(shutdown)
+    with pytest.raises(ExecError) as refused:
+        attach(waiting_for_start)
+    assert refused.value is shutdown
+    creating = new_flow(registry)
+    assert isinstance(creating.receive(Start(container_id=C, exec_id=E, command=["x"])), CreateExec)
+    creating.fail(shutdown)
+    record = running(registry)  # the spawn finished meanwhile
+    with pytest.raises(ExecError) as refused:
+        creating.created(record)
+    assert refused.value is shutdown
+    assert record.clients == 0  # never attached, so nothing to detach
+    creating.close()
+    assert record.clients == 0
+
+
 def test_shutdown_after_exit_changes_nothing(registry: Registry) -> None:
     """PROTOCOL 5.1: the stream already ended well."""
     record = running(registry)
