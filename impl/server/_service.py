@@ -1,10 +1,17 @@
 """The grpc.aio glue: the ``dagger.exec.Exec`` servicer over the registry and the runner.
 
-Thin on purpose.  Each handler checks the token, turns the request into calls on the core,
-and turns the core's :class:`ExecError` into a status code through one table
-(``STATUS_OF``); anything else is logged and becomes ``UNKNOWN "Internal Server Error"``
-(PROTOCOL 14.1).  Each Session client is served by its own handler reading the exec's log at
-its own cursor, so a client that does not read delays nobody (PROTOCOL 6.6).
+Thin on purpose: the rules live in the sans-IO core.  Each handler runs inside the one error
+boundary (``_Boundary``), which turns the core's :class:`ExecError` into a status code through
+one table (``STATUS_OF``), a malformed request into INVALID_ARGUMENT, and anything else into
+``UNKNOWN "Internal Server Error"`` with a log line (PROTOCOL 14.1), and counts the call.
+Inside it, a handler checks the token and turns the request into calls on the core.
+
+A ``Session`` is a :class:`~._session.SessionFlow` (the session's rules: start first, create
+or attach, ready, replay up to the second ready, gaps, exit last, stdin and resize); the
+glue feeds it the client's requests, read apart by a task of their own, performs what it
+decides (spawning, stdin, resize), and writes the bytes it says are due, waiting on the
+exec's log when nothing is.  Each client reads the log at its own cursor, so a client that
+does not read delays nobody (PROTOCOL 6.6).
 """
 
 from __future__ import annotations
@@ -18,8 +25,8 @@ import logging
 import os
 import signal as signal_module
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, NoReturn, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import betterproto2
 import grpc
@@ -27,12 +34,13 @@ import grpc.aio
 
 from execstream import wire
 
-from ._encoding import encode_chunk
+from . import _session
 from ._errors import ErrorCode, ExecError
-from ._log import MAX_CHUNK, Chunk, Cursor
+from ._log import MAX_CHUNK, Cursor
 from ._metrics import ServerMetrics
 from ._registry import EventSubscription, ExecRecord, LifecycleRecord, Registry, validate_id
 from ._runner import ExecRunner
+from ._session import SessionFlow
 from ._state import ExecState
 
 __all__ = ["STATUS_OF", "ExecService", "parse_signal"]
@@ -70,11 +78,102 @@ def parse_signal(name: str) -> int:
 
 
 _INTERNAL = ExecError(ErrorCode.INTERNAL, "Internal Server Error")
+_SHUTTING_DOWN = ExecError(ErrorCode.UNAVAILABLE, "server shutting down")
+#: How the end of a call reaches its handler when the client went away (cancel, deadline).
+_GONE = (asyncio.CancelledError, GeneratorExit)
 
 
-async def _abort(context: _Ctx, error: ExecError) -> NoReturn:
-    await context.abort(STATUS_OF[error.code], error.message)
-    raise AssertionError("unreachable: abort raises")
+class _Boundary:
+    """The one error boundary, around every RPC (PROTOCOL 2.2, 2.3, 14.1): an
+    :class:`ExecError` ends the call with its status from ``STATUS_OF``, a malformed request
+    with INVALID_ARGUMENT (PROTOCOL 2.5), anything else with ``UNKNOWN "Internal Server
+    Error"`` and one log line; a fault ends this call, never the server.  The call is counted
+    once, with its status (CANCELLED when the client went away)."""
+
+    __slots__ = ("_context", "_method", "_metrics", "_started")
+
+    def __init__(self, method: str, context: _Ctx, metrics: ServerMetrics) -> None:
+        self._method = method
+        self._context = context
+        self._metrics = metrics
+        self._started = 0.0
+
+    async def __aenter__(self) -> None:
+        self._started = time.monotonic()
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, _: object
+    ) -> None:
+        if error is None:
+            self._count("OK")
+            return
+        if isinstance(error, ExecError):
+            failure = error
+        elif isinstance(error, wire.MalformedMessage):
+            failure = ExecError(ErrorCode.INVALID_ARGUMENT, str(error))
+        elif isinstance(error, Exception):
+            log.error("internal error in %s", self._method, exc_info=error)
+            failure = _INTERNAL
+        else:  # the client went away (CancelledError, GeneratorExit), or the server stops
+            self._count("CANCELLED" if isinstance(error, _GONE) else "UNKNOWN")
+            return
+        status = STATUS_OF[failure.code]
+        self._count(status.name)
+        await self._context.abort(status, failure.message)
+
+    def _count(self, code: str) -> None:
+        self._metrics.rpc(self._method, code, time.monotonic() - self._started)
+
+
+def render(message: _session.Ready | _session.Exit) -> bytes:
+    """The wire bytes of a message the session flow decided to send."""
+    if isinstance(message, _session.Exit):
+        return bytes(wire.SessionResponse(exit=message.code))
+    size = message.terminal_size
+    return bytes(
+        wire.SessionResponse(
+            ready=wire.Ready(
+                session_id=message.session_id,
+                terminal_size=wire.Resize(width=size[0], height=size[1]) if size else None,
+                replay_complete=message.replay_complete,
+                next_sequence=message.next_sequence,
+            )
+        )
+    )
+
+
+def client_event(request: wire.SessionRequest) -> _session.ClientEvent:
+    """A client's request as the session flow's event."""
+    field, value = betterproto2.which_one_of(request, "msg")
+    if field == "start" and isinstance(value, wire.Start):
+        size = value.terminal_size
+        return _session.Start(
+            container_id=value.container_id,
+            exec_id=value.exec_id,
+            command=value.command,
+            env=value.env,
+            working_dir=value.working_dir,
+            tty=value.tty,
+            terminal_size=(size.width, size.height) if size is not None else None,
+            session_id=value.session_id,
+            replay_from_sequence=value.replay_from_sequence,
+        )
+    if field == "stdin" and isinstance(value, bytes):
+        return _session.Stdin(data=value)
+    if field == "resize" and isinstance(value, wire.Resize):
+        return _session.Resize(width=value.width, height=value.height)
+    return _session.EmptyMessage()
+
+
+async def _perform(action: _session.Action | None) -> None:
+    """What the session flow decided, done to the exec (PROTOCOL 7)."""
+    if isinstance(action, _session.WriteStdin):
+        with contextlib.suppress(ExecError):  # the process exited meanwhile: discarded
+            await action.controls.write_stdin(action.data)
+    elif isinstance(action, _session.CloseStdin):
+        action.controls.close_stdin()
+    elif isinstance(action, _session.ResizeTerminal):
+        action.controls.resize(action.width, action.height)
 
 
 class ExecService:
@@ -95,11 +194,15 @@ class ExecService:
         self._session_ids = itertools.count(1)
         self._session_prefix = os.urandom(4).hex()
         self._closing = False
-        self._wakes: set[asyncio.Event] = set()
+        self._wakes: set[asyncio.Event] = set()  # lifecycle subscribers'
+        self._sessions: dict[SessionFlow, asyncio.Event] = {}
 
     def begin_shutdown(self) -> None:
         """PROTOCOL 13.2: every open stream ends with UNAVAILABLE at its next step."""
         self._closing = True
+        for flow, wake in list(self._sessions.items()):
+            flow.fail(_SHUTTING_DOWN)
+            wake.set()
         for wake in list(self._wakes):
             wake.set()
 
@@ -138,38 +241,14 @@ class ExecService:
         self._check_live()
 
     async def _unary(self, method: str, context: _Ctx, call: Callable[[], Awaitable[_R]]) -> _R:
-        with self._observed(method) as outcome:
-            try:
-                self._admit(context)
-                return await call()
-            except ExecError as error:
-                failure = error
-            # PROTOCOL 2.3: the one error boundary; a fault ends this call, never the server.
-            except Exception:
-                log.exception("internal error in %s", method)
-                failure = _INTERNAL
-            outcome.append(STATUS_OF[failure.code].name)
-            await _abort(context, failure)
-
-    @contextlib.contextmanager
-    def _observed(self, method: str) -> Iterator[list[str]]:
-        """Count the RPC and its duration once it ends; the body appends its status code
-        (none appended: OK, or CANCELLED when the client went away)."""
-        outcome: list[str] = []
-        started = time.monotonic()
-        try:
-            yield outcome
-        except (asyncio.CancelledError, GeneratorExit):
-            outcome.append("CANCELLED")
-            raise
-        finally:
-            code = outcome[0] if outcome else "OK"
-            self.metrics.rpc(method, code, time.monotonic() - started)
+        async with _Boundary(method, context, self.metrics):
+            self._admit(context)
+            return await call()
 
     def _check_live(self) -> None:
         """PROTOCOL 13.2."""
         if self._closing:
-            raise ExecError(ErrorCode.UNAVAILABLE, "server shutting down")
+            raise _SHUTTING_DOWN
 
     # -- Session ------------------------------------------------------------------------
 
@@ -178,217 +257,90 @@ class ExecService:
         request_iterator: AsyncIterator[wire.SessionRequest],
         context: grpc.aio.ServicerContext[wire.SessionRequest, wire.SessionResponse],
     ) -> AsyncIterator[wire.SessionResponse | bytes]:
-        record: ExecRecord | None = None
-        failure: ExecError | None = None
-        with self._observed("Session") as outcome:
+        async with _Boundary("Session", context, self.metrics):
+            self._admit(context)
+            flow = SessionFlow(
+                self.registry,
+                creates=self.runner is not None,
+                new_session_id=self._new_session_id,
+                render=render,
+                observer=self.metrics,
+            )
+            wake = asyncio.Event()
+            self._sessions[flow] = wake
             try:
-                self._admit(context)
-                start = await self._first_start(request_iterator)
-                record, cursor = await self._open(start)
-                # PROTOCOL 1.3, 3.3: a client of the published fields only gets a session_id.
-                session_id = start.session_id or f"{self._session_prefix}-{next(self._session_ids)}"
-                async for response in self._stream(record, cursor, session_id, request_iterator):
+                requests = aiter(request_iterator)
+                try:
+                    first: _session.ClientEvent = client_event(await anext(requests))
+                except StopAsyncIteration:
+                    first = _session.HalfClose()
+                action = flow.receive(first)
+                if isinstance(action, _session.CreateExec):
+                    flow.created(await self._create(action.start))
+                async for response in self._stream(flow, wake, requests):
                     yield response
-            except ExecError as error:
-                failure = error
-            except wire.MalformedMessage as error:  # PROTOCOL 2.5
-                failure = ExecError(ErrorCode.INVALID_ARGUMENT, str(error))
-            except Exception:
-                log.exception("internal error in Session")
-                failure = _INTERNAL
             finally:
-                if record is not None:
-                    self.registry.detach(record)
-            if failure is not None:
-                outcome.append(STATUS_OF[failure.code].name)
-                await _abort(context, failure)
+                del self._sessions[flow]
+                flow.close()
 
-    async def _first_start(
-        self, request_iterator: AsyncIterator[wire.SessionRequest]
-    ) -> wire.Start:
-        """PROTOCOL 3.1."""
-        try:
-            first = await anext(aiter(request_iterator))
-        except StopAsyncIteration:
-            raise ExecError(
-                ErrorCode.INVALID_ARGUMENT, "the stream closed before its first message, start"
-            ) from None
-        field, value = betterproto2.which_one_of(first, "msg")
-        if field != "start" or not isinstance(value, wire.Start):
-            raise ExecError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"the first message must be start, got {field or 'an empty message'}",
-            )
-        return value
+    def _new_session_id(self) -> str:
+        return f"{self._session_prefix}-{next(self._session_ids)}"
 
-    async def _open(self, start: wire.Start) -> tuple[ExecRecord, Cursor[Chunk]]:
-        """PROTOCOL 3.2: create or attach; then a cursor for this client (6.1)."""
-        validate_id("container_id", start.container_id)
-        validate_id("exec_id", start.exec_id)
-        if not start.command:
-            record = self.registry.get(start.container_id, start.exec_id)
-            return record, self.registry.attach(record, start.replay_from_sequence)
-        if self.runner is None:
-            raise ExecError(
-                ErrorCode.NOT_FOUND,
-                f"this server does not create execs: exec {start.exec_id!r} not found",
-            )
-        if start.replay_from_sequence > 1:
-            raise ExecError(
-                ErrorCode.OUT_OF_RANGE,
-                f"replay_from_sequence {start.replay_from_sequence} is past the next "
-                "sequence 1 of a new exec",
-            )
-        if self.registry.find(start.container_id, start.exec_id) is not None:
-            raise ExecError(
-                ErrorCode.ALREADY_EXISTS,
-                f"exec {start.exec_id!r} already exists in container {start.container_id!r}",
-            )
+    async def _create(self, start: _session.Start) -> ExecRecord:
+        """PROTOCOL 3.2: what the flow decided to create, spawned by the runner."""
         spawning = time.monotonic()
-        record = await self.runner.create(
+        record = await self._runner().create(
             start.container_id,
             start.exec_id,
             start.command,
             env=start.env,
             working_dir=start.working_dir,
             tty=start.tty,
-            terminal_size=(
-                (start.terminal_size.width, start.terminal_size.height)
-                if start.terminal_size is not None
-                else None
-            ),
+            terminal_size=start.terminal_size,
         )
         self.metrics.spawned(time.monotonic() - spawning)
-        return record, self.registry.attach(record, 0)
+        return record
 
     async def _stream(
         self,
-        record: ExecRecord,
-        cursor: Cursor[Chunk],
-        session_id: str,
-        request_iterator: AsyncIterator[wire.SessionRequest],
-    ) -> AsyncIterator[wire.SessionResponse | bytes]:
-        """PROTOCOL 3.3-6.4 for one client: Ready, replay, Ready, live, exit.  Chunks go
-        out as the bytes encoded once for every client (``_encoding``)."""
-        wake = asyncio.Event()
-        failure: list[ExecError] = []
-        log_ = record.log
+        flow: SessionFlow,
+        wake: asyncio.Event,
+        requests: AsyncIterator[wire.SessionRequest],
+    ) -> AsyncIterator[bytes]:
+        """Write what the flow says is due, and wait for the exec's log when it says so;
+        the client's requests are read meanwhile, apart, so that a client that does not read
+        can still be heard (and one that does not write is still sent everything)."""
+        assert flow.record is not None
+        log_ = flow.record.log
         log_.add_listener(wake.set)
-        self._wakes.add(wake)
-        reader = asyncio.create_task(self._read_requests(record, request_iterator, failure, wake))
+        reader = asyncio.create_task(self._read_requests(flow, requests, wake))
         try:
-            boundary = log_.next_sequence  # PROTOCOL 6.3: N, fixed at attach
-            replaying = cursor.position < boundary
-            yield self._ready(record, session_id, not replaying, boundary)
-            gap = 0
-            while True:
-                if failure:
-                    raise failure[0]
-                self._check_live()
-                if replaying and cursor.position >= boundary:
-                    replaying = False
-                    yield self._ready(record, session_id, True, boundary)
-                if not cursor.caught_up:
-                    # PROTOCOL 6.7: a client behind the memory cache reads from storage.
-                    cached = max(cursor.position, log_.first_sequence) >= log_.cached_from
-                    read = cursor.read(_READ_BATCH, boundary if replaying else None)
-                    gap += read.gap_before
-                    for chunk in read.items:
-                        if gap:
-                            self.metrics.gap(gap)
-                        # PROTOCOL 6.2: chunks below the sequence fixed at attach are replay.
-                        yield encode_chunk(chunk, chunk.sequence < boundary, gap)
-                        gap = 0
-                    self.metrics.streamed(
-                        len(read.items),
-                        sum(len(c.data) for c in read.items),
-                        "memory" if cached else "storage",
-                    )
-                    continue
-                if log_.closed:
-                    assert log_.exit_code is not None
-                    yield wire.SessionResponse(exit=log_.exit_code)  # PROTOCOL 5.1
-                    return
+            while not flow.finished:
                 wake.clear()
-                if cursor.caught_up and not log_.closed and not failure and not self._closing:
+                messages = flow.next_messages(_READ_BATCH)
+                for message in messages:
+                    yield message
+                if not messages and flow.waiting:
                     await wake.wait()
         finally:
-            self._wakes.discard(wake)
             log_.remove_listener(wake.set)
             reader.cancel()
             with contextlib.suppress(BaseException):
                 await reader
 
     @staticmethod
-    def _ready(
-        record: ExecRecord, session_id: str, complete: bool, boundary: int
-    ) -> wire.SessionResponse:
-        size = record.terminal_size
-        return wire.SessionResponse(
-            ready=wire.Ready(
-                session_id=session_id,
-                terminal_size=wire.Resize(width=size[0], height=size[1]) if size else None,
-                replay_complete=complete,
-                next_sequence=boundary,
-            )
-        )
-
     async def _read_requests(
-        self,
-        record: ExecRecord,
-        request_iterator: AsyncIterator[wire.SessionRequest],
-        failure: list[ExecError],
-        wake: asyncio.Event,
+        flow: SessionFlow, requests: AsyncIterator[wire.SessionRequest], wake: asyncio.Event
     ) -> None:
-        """The client's messages after start: stdin and resize (PROTOCOL 7)."""
+        """The client's messages after start (PROTOCOL 7), judged by the flow; whatever ends
+        them ends the session, through the writer and its error boundary."""
         try:
-            async for request in request_iterator:
-                field, value = betterproto2.which_one_of(request, "msg")
-                if field == "stdin" and isinstance(value, bytes):
-                    await self._stdin(record, value)
-                elif field == "resize" and isinstance(value, wire.Resize):
-                    self._resize(record, value)
-                elif field == "start":
-                    raise ExecError(ErrorCode.INVALID_ARGUMENT, "start sent twice in a session")
-                else:
-                    raise ExecError(ErrorCode.INVALID_ARGUMENT, "a message with no member set")
-        except ExecError as error:
-            failure.append(error)
+            async for request in requests:
+                await _perform(flow.receive(client_event(request)))
+            flow.receive(_session.HalfClose())
+        except Exception as error:
+            flow.fail(error)
             wake.set()
-        except wire.MalformedMessage as error:  # PROTOCOL 2.5
-            failure.append(ExecError(ErrorCode.INVALID_ARGUMENT, str(error)))
-            wake.set()
-
-    async def _stdin(self, record: ExecRecord, data: bytes) -> None:
-        limit = self.registry.limits.stdin_bytes
-        if len(data) > limit:
-            raise ExecError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"stdin message of {len(data)} bytes is over the limit of {limit} bytes",
-            )
-        if record.stdin_closed and data:
-            raise ExecError(ErrorCode.FAILED_PRECONDITION, "stdin was already closed (EOF sent)")
-        controls = record.controls
-        if controls is None:  # exited, or never started by us: PROTOCOL 7.1 discards it
-            return
-        if not data:
-            record.stdin_closed = True
-            controls.close_stdin()
-            return
-        with contextlib.suppress(ExecError):  # the process exited meanwhile: discarded
-            await controls.write_stdin(data)
-
-    def _resize(self, record: ExecRecord, size: wire.Resize) -> None:
-        if not record.tty:
-            raise ExecError(ErrorCode.FAILED_PRECONDITION, "resize on an exec without a TTY")
-        if size.width <= 0 or size.height <= 0:
-            raise ExecError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"terminal size must be positive, got {size.width}x{size.height}",
-            )
-        record.terminal_size = (size.width, size.height)
-        if record.controls is not None:
-            record.controls.resize(size.width, size.height)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -399,26 +351,16 @@ class ExecService:
             wire.ContainerLifecycleRequest, wire.ContainerLifecycleEvent
         ],
     ) -> AsyncIterator[wire.ContainerLifecycleEvent]:
-        failure: ExecError | None = None
-        with self._observed("ContainerLifecycle") as outcome:
+        async with _Boundary("ContainerLifecycle", context, self.metrics):
+            self._admit(context)
+            wake = asyncio.Event()
+            cursor, last, subscription = self._subscribe(request, wake)
             try:
-                self._admit(context)
-                wake = asyncio.Event()
-                cursor, last, subscription = self._subscribe(request, wake)
-                try:
-                    async for event in self._follow(cursor, last, subscription, wake, context):
-                        yield event
-                finally:
-                    self.registry.events.unsubscribe(subscription)
-                    self.registry.unsubscribe()
-            except ExecError as error:
-                failure = error
-            except Exception:
-                log.exception("internal error in ContainerLifecycle")
-                failure = _INTERNAL
-            if failure is not None:
-                outcome.append(STATUS_OF[failure.code].name)
-                await _abort(context, failure)
+                async for event in self._follow(cursor, last, subscription, wake, context):
+                    yield event
+            finally:
+                self.registry.events.unsubscribe(subscription)
+                self.registry.unsubscribe()
 
     def _subscribe(
         self, request: wire.ContainerLifecycleRequest, wake: asyncio.Event
