@@ -54,8 +54,8 @@ once thawed).  ``release`` and ``close`` kill what is left the same way, then th
 finishes off stragglers: nothing outlives its container.
 
 **Draining.**  Output pipes (1 MiB where ``F_SETPIPE_SZ`` allows) are read non-blocking, on
-the event loop thread, one read per turn of the loop taking whatever the pipe holds, which
-goes to the sink in writes of ``read_size`` bytes (the last one shorter).
+the event loop thread: each turn of the loop reads until the pipe is empty (within 4 MiB),
+and what it read goes to the sink in writes of ``read_size`` bytes (the last one shorter).
 :meth:`ProcessExec.wait` resolves once the main process has exited *and* every pipe reached
 end of file, so all output precedes the exit code.  Descendants that keep a pipe open would
 hold that forever, so the drain is bounded: ``drain_timeout`` seconds after the main process
