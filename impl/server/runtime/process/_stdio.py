@@ -84,9 +84,9 @@ class OutputReader:
     def _on_readable(self) -> None:
         self._read_once()
 
-    def _read_once(self) -> bool:
-        """One turn's reads; False once nothing more is readable now."""
-        buffer = _read_buffer()
+    def _read_once(self, limit: int = TURN_BYTES) -> None:
+        """One turn's reads: until the pipe is empty, its end, or ``limit`` bytes."""
+        buffer = _read_buffer()[:limit]
         size, ended = 0, False
         while size < len(buffer):
             try:
@@ -109,7 +109,6 @@ class OutputReader:
             log.exception("the output sink of %s failed", self._label)
         if ended:
             self.close()
-        return size > 0 and not ended
 
     def finish(self) -> None:
         """Bounded drain: deliver what the pipe holds now, then stop reading.
@@ -117,9 +116,8 @@ class OutputReader:
         The read budget covers a full pipe, and no more: a writer that never stops is not
         chased.
         """
-        for _ in range(2):  # a full pipe is one turn; a writer racing the drain, one more
-            if not self.open or not self._read_once():
-                break
+        if self.open:
+            self._read_once(PIPE_SIZE + self._read_size)
         self.close()
 
     def close(self) -> None:
