@@ -233,6 +233,36 @@ async def test_one_read_takes_what_the_pipe_holds_in_full_sized_writes() -> None
         reader.close()
 
 
+async def test_what_the_producer_writes_while_a_turn_is_stored_joins_that_turn() -> None:
+    """The reader stores each read's full pieces at once and reads on: the producer refilling
+    the pipe meanwhile is read in the same turn, and the leftovers of both reads make one
+    piece, not two short ones (PROTOCOL 4.4)."""
+    loop = asyncio.get_running_loop()
+    read_fd, write_fd = os.pipe()
+    grow_pipe(write_fd)
+    os.set_blocking(read_fd, False)
+    payload = os.urandom(15_000)
+    refilled: list[bool] = []
+
+    class Refilling(_Signalling):
+        def write(self, data: bytes) -> None:
+            super().write(data)
+            if not refilled:  # the producer, running while the first piece is stored
+                refilled.append(True)
+                os.write(write_fd, payload[10_000:])
+
+    sink = Refilling()
+    os.write(write_fd, payload[:10_000])
+    reader = OutputReader(loop, read_fd, sink, 4096, lambda: None, owns_fd=True, label="test")
+    try:
+        await asyncio.wait_for(sink.written.wait(), TIMEOUT)
+        assert [len(c) for c in sink.chunks] == [4096, 4096, 4096, 2712]
+        assert sink.data == payload
+    finally:
+        os.close(write_fd)
+        reader.close()
+
+
 class _Signalling(Recorder):
     def __init__(self) -> None:
         super().__init__()

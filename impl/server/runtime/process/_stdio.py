@@ -56,9 +56,9 @@ class OutputReader:
     ``read_size`` bytes, the last one shorter.
 
     The producer is never held back by what else the loop serves, its clients' writers
-    included (PROTOCOL 6.6): while it keeps the pipe filling, the reader keeps reading, and
-    each turn's writes are full-sized but for one (the cost is per message, DESIGN
-    "Engineering facts")."""
+    included (PROTOCOL 6.6): while it keeps the pipe filling, the reader keeps reading and
+    storing, and each turn's writes are full-sized but for one (the cost is per message,
+    DESIGN "Engineering facts")."""
 
     def __init__(
         self,
@@ -85,9 +85,14 @@ class OutputReader:
         self._read_once()
 
     def _read_once(self, limit: int = TURN_BYTES) -> None:
-        """One turn's reads: until the pipe is empty, its end, or ``limit`` bytes."""
+        """One turn's reads: until the pipe is empty, its end, or ``limit`` bytes.
+
+        The full pieces of each read go to the sink at once, while the producer refills the
+        pipe; what is left over waits for the turn's next read, so that a turn ends with
+        one short piece at most."""
         buffer = _read_buffer()[:limit]
-        size, ended = 0, False
+        size = sent = 0
+        ended = False
         while size < len(buffer):
             try:
                 got = os.readv(self._fd, (buffer[size:],))
@@ -102,13 +107,18 @@ class OutputReader:
                 ended = True
                 break
             size += got
-        try:
-            for start in range(0, size, self._read_size):
-                self._sink.write(bytes(buffer[start : min(size, start + self._read_size)]))
-        except Exception:
-            log.exception("the output sink of %s failed", self._label)
+            sent = self._deliver(buffer, sent, size - (size - sent) % self._read_size)
+        self._deliver(buffer, sent, size)
         if ended:
             self.close()
+
+    def _deliver(self, buffer: memoryview, start: int, end: int) -> int:
+        try:
+            for offset in range(start, end, self._read_size):
+                self._sink.write(bytes(buffer[offset : min(end, offset + self._read_size)]))
+        except Exception:
+            log.exception("the output sink of %s failed", self._label)
+        return end
 
     def finish(self) -> None:
         """Bounded drain: deliver what the pipe holds now, then stop reading.
