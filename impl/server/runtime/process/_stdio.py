@@ -10,6 +10,7 @@ import contextlib
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -35,7 +36,9 @@ _buffers = threading.local()
 def _read_buffer() -> memoryview:
     view: memoryview | None = getattr(_buffers, "view", None)
     if view is None:
-        view = _buffers.view = memoryview(bytearray(TURN_BYTES))
+        # Anonymous memory: a page is only taken once a read reaches it, so a server whose
+        # execs write little never holds the whole buffer (a bytearray is zero-filled).
+        view = _buffers.view = memoryview(mmap.mmap(-1, TURN_BYTES))
     return view
 
 
