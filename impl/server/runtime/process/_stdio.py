@@ -88,7 +88,8 @@ class OutputReader:
         self._read_once()
 
     def _read_once(self, limit: int = TURN_BYTES) -> None:
-        """One turn's reads: until the pipe is empty, its end, or ``limit`` bytes.
+        """One turn's reads: until the pipe is empty (or a read is short of a piece), its
+        end, or ``limit`` bytes.
 
         The full pieces of each read go to the sink at once, while the producer refills the
         pipe; what is left over waits for the turn's next read, so that a turn ends with
@@ -111,6 +112,8 @@ class OutputReader:
                 break
             size += got
             sent = self._deliver(buffer, sent, size - (size - sent) % self._read_size)
+            if got < self._read_size:
+                break  # a producer that writes little: the pipe is empty, no read to say so
         self._deliver(buffer, sent, size)
         if ended:
             self.close()
