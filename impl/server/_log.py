@@ -12,6 +12,8 @@ fell behind an eviction always meets an item that can report the gap (PROTOCOL 6
 per-exec output limit (PROTOCOL 6.5): the storage is the log, and memory holds only the newest
 chunks as a cache, so a reader far behind reads the very same chunks back from storage
 (PROTOCOL 6.7) and memory grows neither with the output nor with how far behind readers are.
+What one reader read back from storage is kept too, within the same budget, for the readers
+right behind it: clients that fell behind together share those chunks and their encoding.
 The storage is injected (``_storage``); this module does no I/O of its own and imports neither
 asyncio nor grpc.
 """
@@ -287,6 +289,12 @@ class ExecLog(_Notifier):
         self._next = 1
         self._memory_only = False
         self._positions: dict[int, tuple[int, int]] = {}
+        #: Chunks lately read back from storage, oldest first, within ``cache_bytes`` of
+        #: data: readers that follow each other through storage (clients that fell behind
+        #: together) share them, and so their encoding (PROTOCOL 4.3), instead of each
+        #: reading and encoding its own copy.
+        self._recent: dict[int, Chunk] = {}
+        self._recent_bytes = 0
         self.exit_code: int | None = None
 
     def _new_cache(self) -> SequencedLog[Chunk]:
@@ -423,6 +431,7 @@ class ExecLog(_Notifier):
         self._segments.clear()
         self._first_sequences.clear()
         self._positions.clear()
+        self._forget_recent()
         self._stored = 0
         self._storage.destroy()
 
@@ -446,6 +455,11 @@ class ExecLog(_Notifier):
         """Let the memory cache of a closed log go (storage has every chunk it holds)."""
         if self.closed and not self._memory_only:
             self._cache = None
+            self._forget_recent()
+
+    def _forget_recent(self) -> None:
+        self._recent.clear()
+        self._recent_bytes = 0
 
     def destroy(self) -> None:
         """The exec is removed (PROTOCOL 11.2): its stored output goes with it."""
@@ -475,14 +489,45 @@ class ExecLog(_Notifier):
         if self._cache is not None and start >= self._cache.first_sequence:
             cached = self._cache.read(start, max_cost, stop)
             return Read(cached.items, gap, cached.next_sequence)
-        items = self._read_stored(start, stop, STORAGE_READ if max_cost is None else max_cost)
+        budget = STORAGE_READ if max_cost is None else max_cost
+        items, spent = self._read_recent(start, stop, budget)
+        following = start + len(items)
+        if following < stop and following not in self._recent:
+            self._read_stored(following, stop, budget, items, spent)
         return Read(items, gap, start + len(items))
 
-    def _read_stored(self, start: int, stop: int, budget: int) -> list[Chunk]:
-        """PROTOCOL 6.7: the same chunks, read back from storage, one segment at a time."""
+    def _read_recent(self, start: int, stop: int, budget: int) -> tuple[list[Chunk], int]:
+        """The chunks from ``start`` that another reader just read back from storage, and
+        their size."""
         items: list[Chunk] = []
+        spent = 0
+        for sequence in range(start, stop):
+            chunk = self._recent.get(sequence)
+            if chunk is None or (items and spent + len(chunk.data) > budget):
+                break
+            items.append(chunk)
+            spent += len(chunk.data)
+        return items, spent
+
+    def _remember(self, items: list[Chunk]) -> None:
+        for index, chunk in enumerate(items):
+            known = self._recent.get(chunk.sequence)
+            if known is not None:
+                items[index] = known
+                continue
+            self._recent[chunk.sequence] = chunk
+            self._recent_bytes += len(chunk.data)
+        while self._recent_bytes > self._cache_bytes:
+            oldest = self._recent.pop(next(iter(self._recent)))
+            self._recent_bytes -= len(oldest.data)
+
+    def _read_stored(
+        self, start: int, stop: int, budget: int, items: list[Chunk], spent: int
+    ) -> None:
+        """PROTOCOL 6.7: the same chunks, read back from storage, one segment at a time,
+        appended to ``items`` (which hold ``spent`` bytes of data already)."""
         index = bisect.bisect_right(self._first_sequences, start) - 1
-        expected, spent = start, 0
+        expected = start
         while index < len(self._segments) and expected < stop and (not items or spent < budget):
             expected, spent = self._read_segment(
                 self._segments[index], expected, stop, budget, items, spent
@@ -492,7 +537,7 @@ class ExecLog(_Notifier):
                 break  # the budget ended inside that segment
         if not items:
             raise RuntimeError(f"the stored output of exec {self.name} is corrupt at chunk {start}")
-        return items
+        self._remember(items)
 
     def _read_segment(
         self, segment: _Segment, start: int, stop: int, budget: int, items: list[Chunk], spent: int

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections import Counter as Tally
 from collections.abc import Iterator
-from typing import Literal
+from typing import Literal, get_args
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -95,6 +95,10 @@ class ServerMetrics:
             ["source"],
             registry=self.collectors,
         )
+        self._streamed = {
+            source: (self._chunks.labels(source), self._bytes.labels(source))
+            for source in get_args(Source)
+        }
         self._gaps = Counter(
             "execstream_gaps",
             "Gaps reported to Session clients (PROTOCOL 6.4)",
@@ -126,8 +130,11 @@ class ServerMetrics:
         )
 
     def streamed(self, chunks: int, nbytes: int, source: Source = "memory") -> None:
-        self._chunks.labels(source).inc(chunks)
-        self._bytes.labels(source).inc(nbytes)
+        # Once per batch a client is sent: the labelled children are looked up once
+        # (``labels`` costs four times what ``inc`` does).
+        chunk_counter, byte_counter = self._streamed[source]
+        chunk_counter.inc(chunks)
+        byte_counter.inc(nbytes)
 
     def gap(self, missed: int) -> None:
         self._gaps.inc()

@@ -529,15 +529,10 @@ def test_a_kept_cache_serves_the_same_chunks_until_it_is_dropped() -> None:
     assert log.read(1).items == live  # the same chunks, read back from storage (6.7)
 
 
-def test_readers_at_the_same_position_of_storage_share_where_it_is() -> None:
-    """Clients that follow each other through storage do not each walk a segment's
-    records to find their next chunk."""
-    log = filled(40, size=1000, closed=True)
+def _counted_reads(log: ExecLog) -> list[int]:
+    """The offsets of every storage read ``log`` makes from now on."""
     storage = log._storage
     assert isinstance(storage, MemoryStorage)
-    cursors = [Cursor(log, 1) for _ in range(3)]
-    for cursor in cursors:
-        assert sequences(cursor.read(max_cost=10_000).items) == list(range(1, 11))
     reads: list[int] = []
     original = storage.read
 
@@ -546,6 +541,49 @@ def test_readers_at_the_same_position_of_storage_share_where_it_is() -> None:
         return original(segment, offset, size)
 
     storage.read = counted  # type: ignore[method-assign]
+    return reads
+
+
+def test_readers_at_the_same_position_of_storage_share_where_it_is() -> None:
+    """Clients that follow each other through storage do not each walk a segment's
+    records to find their next chunk."""
+    log = filled(40, size=1000, closed=True)
+    cursors = [Cursor(log, 1) for _ in range(3)]
     for cursor in cursors:
+        assert sequences(cursor.read(max_cost=10_000).items) == list(range(1, 11))
+    log._forget_recent()  # as if other readers had gone far ahead meanwhile
+    reads = _counted_reads(log)
+    for cursor in cursors:
+        log._forget_recent()
         assert sequences(cursor.read(max_cost=10_000).items) == list(range(11, 21))
     assert len(reads) == 3 and 0 not in reads, "each reader read once, from where it was"
+
+
+def test_readers_following_each_other_through_storage_share_its_chunks() -> None:
+    """PROTOCOL 4.3, 6.7: what one reader read back from storage serves the readers right
+    behind it, the very same chunks (so one encoding for all), without reading it again."""
+    log = filled(40, size=1000, closed=True)
+    reads = _counted_reads(log)
+    cursors = [Cursor(log, 1) for _ in range(3)]
+    batches = [cursor.read(max_cost=10_000).items for cursor in cursors]
+    assert len(reads) == 1
+    assert sequences(batches[0]) == list(range(1, 11))
+    assert all(a is b for batch in batches[1:] for a, b in zip(batches[0], batch, strict=True))
+    # One reader further on: the others get what is shared, then the rest from storage.
+    assert sequences(cursors[0].read(max_cost=15_000).items) == list(range(11, 26))
+    assert sequences(cursors[1].read(max_cost=20_000).items) == list(range(11, 31))
+    assert len(reads) == 3
+
+
+def test_what_is_shared_from_storage_stays_within_the_cache_budget() -> None:
+    log = exec_log(cache=MAX_CHUNK)
+    for i in range(1, 9):
+        log.append(Stream.STDOUT, bytes([i]) * (MAX_CHUNK // 4), timestamp_ns=i)
+    log.close(0)
+    cursor = Cursor(log, 1)
+    while not cursor.caught_up:
+        cursor.read(max_cost=MAX_CHUNK // 4)
+    assert log._recent_bytes <= MAX_CHUNK
+    assert sorted(log._recent) == [5, 6, 7, 8], "the newest kept, oldest let go"
+    log.drop_cache()
+    assert not log._recent

@@ -23,6 +23,7 @@ from cpu import BURN_SECONDS, BURNER, TICK_TOLERANCE, assert_percent_matches, br
 from execstream.server._errors import ErrorCode, ExecError
 from execstream.server.runtime import ExecSpec, ProcessExec, ProcessRuntime
 from execstream.server.runtime.process import _freezer, _procfs, _spawn, end_leftovers
+from execstream.server.runtime.process._stdio import OutputReader, grow_pipe
 
 TIMEOUT = 10.0
 
@@ -203,6 +204,73 @@ async def test_each_read_is_one_sink_write_of_at_most_read_size(tmp_path: Path) 
         assert all(0 < len(chunk) <= 4096 for chunk in run.stdout.chunks)
     finally:
         await closed_and_clean(rt)
+
+
+async def test_one_read_takes_what_the_pipe_holds_in_full_sized_writes() -> None:
+    """A producer ahead of the server: the pipe is emptied in one read, and the sink gets
+    full ``read_size`` writes, the last one shorter (PROTOCOL 4.4: no more pieces than that)."""
+    loop = asyncio.get_running_loop()
+    read_fd, write_fd = os.pipe()
+    grow_pipe(write_fd)
+    os.set_blocking(read_fd, False)
+    sink, closed = _Signalling(), loop.create_future()
+    payload = os.urandom(200_000)
+    assert os.write(write_fd, payload) == len(payload)
+    reader = OutputReader(
+        loop, read_fd, sink, 4096, lambda: closed.set_result(None), owns_fd=True, label="test"
+    )
+    try:
+        await asyncio.wait_for(sink.written.wait(), TIMEOUT)
+        # All of it at once: one turn of the loop, one read.
+        assert [len(c) for c in sink.chunks] == [4096] * 48 + [3392]
+        assert sink.data == payload
+        os.close(write_fd)
+        write_fd = -1
+        await asyncio.wait_for(closed, TIMEOUT)  # end of file closes the reader
+    finally:
+        if write_fd >= 0:
+            os.close(write_fd)
+        reader.close()
+
+
+async def test_what_the_producer_writes_while_a_turn_is_stored_joins_that_turn() -> None:
+    """The reader stores each read's full pieces at once and reads on: the producer refilling
+    the pipe meanwhile is read in the same turn, and the leftovers of both reads make one
+    piece, not two short ones (PROTOCOL 4.4)."""
+    loop = asyncio.get_running_loop()
+    read_fd, write_fd = os.pipe()
+    grow_pipe(write_fd)
+    os.set_blocking(read_fd, False)
+    payload = os.urandom(15_000)
+    refilled: list[bool] = []
+
+    class Refilling(_Signalling):
+        def write(self, data: bytes) -> None:
+            super().write(data)
+            if not refilled:  # the producer, running while the first piece is stored
+                refilled.append(True)
+                os.write(write_fd, payload[10_000:])
+
+    sink = Refilling()
+    os.write(write_fd, payload[:10_000])
+    reader = OutputReader(loop, read_fd, sink, 4096, lambda: None, owns_fd=True, label="test")
+    try:
+        await asyncio.wait_for(sink.written.wait(), TIMEOUT)
+        assert [len(c) for c in sink.chunks] == [4096, 4096, 4096, 2712]
+        assert sink.data == payload
+    finally:
+        os.close(write_fd)
+        reader.close()
+
+
+class _Signalling(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = asyncio.Event()
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.written.set()
 
 
 async def test_output_written_right_before_exit_is_delivered_before_wait(
