@@ -22,7 +22,7 @@ from cpu import BURN_SECONDS, BURNER, TICK_TOLERANCE, assert_percent_matches, br
 
 from execstream.server._errors import ErrorCode, ExecError
 from execstream.server.runtime import ExecSpec, ProcessExec, ProcessRuntime
-from execstream.server.runtime.process import _freezer, _procfs, _spawn, end_leftovers
+from execstream.server.runtime.process import _freezer, _procfs, _runtime, _spawn, end_leftovers
 
 TIMEOUT = 10.0
 
@@ -665,6 +665,60 @@ async def test_a_zombie_left_in_the_session_is_reaped(any_runtime: ProcessRuntim
     assert await run.wait() == 0
     (zombie,) = run.pids()
     await eventually(lambda: not exists(zombie), "the zombie to be reaped")
+
+
+async def test_execs_ending_together_keep_their_exit_codes(
+    any_runtime: ProcessRuntime, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Spawning never yields to the loop: every exec may have exited before any exit is
+    # noticed, so the first one noticed reaps the others (see note_exit).
+    runs = [await start(any_runtime, ["sh", "-c", f"exit {n}"]) for n in range(24)]
+    codes = await asyncio.gather(*(run.wait() for run in runs))
+    assert codes == list(range(24))
+    assert "reaped by someone else" not in caplog.text
+
+
+async def test_exits_with_nothing_left_need_no_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the freezer, an exit that leaves nothing behind costs no /proc scan, even when
+    other execs' main processes wait to be reaped; an orphan zombie is still reaped."""
+    rt = ProcessRuntime(tmp_path / "state", cgroup_freezer=True)
+    try:
+        assert rt.pause_method == "freezer"
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    if _spawn.first_zombie_child() is not None:
+        pytest.skip("a zombie child of the test process that no exec knows would need a scan")
+    scans_in_note_exit = 0
+    noting = False
+    scan, note_exit = _runtime.scan_proc, rt.note_exit
+
+    def counted_scan() -> dict[int, _procfs.ProcStat]:
+        nonlocal scans_in_note_exit
+        scans_in_note_exit += noting
+        return scan()
+
+    def noted(proc: ProcessExec) -> None:
+        nonlocal noting
+        noting = True
+        try:
+            note_exit(proc)
+        finally:
+            noting = False
+
+    monkeypatch.setattr(_runtime, "scan_proc", counted_scan)
+    monkeypatch.setattr(rt, "note_exit", noted)
+    try:
+        runs = [await start(rt, ["true"]) for _ in range(16)]
+        assert await asyncio.gather(*(run.wait() for run in runs)) == [0] * 16
+        assert scans_in_note_exit == 0
+        zombie = await start(rt, ["sh", "-c", "true & echo $!; exec sleep 0.3"])
+        assert await zombie.wait() == 0
+        (pid,) = zombie.pids()
+        await eventually(lambda: not exists(pid), "the zombie to be reaped")
+    finally:
+        await closed_and_clean(rt)
 
 
 async def test_stale_freezer_groups_of_a_dead_server_are_removed(tmp_path: Path) -> None:

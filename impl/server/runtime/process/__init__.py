@@ -39,6 +39,10 @@ orphan only once it has attributed it to one of its execs (zombies keep their se
 their environment or cgroup): never ``waitpid(-1)``, so no exit status that asyncio or
 ``subprocess`` waits for elsewhere in the server is stolen.  A sweep (every second, while any
 exec exists) records escaped descendants while they live and reaps them once they died.
+When a main process is reaped, its exec's processes are recorded by a /proc scan, unless the
+freezer shows that nothing of the exec is left and no zombie child of the server is left
+but the main processes of other execs (those are reaped there and then, as their pidfds
+would have them reaped a moment later): execs ending together cost no scan each.
 Limit: an orphan that left its session and died between two scans stays a zombie of the
 server; so do orphans of other components' children, which the subreaper now collects too.
 

@@ -193,7 +193,14 @@ class ProcessExec:
         if not self._reap_main():
             self._loop.call_later(0.05, self._poll_main)
 
+    def reap_if_exited(self) -> bool:
+        """Reap the main process now if it has exited (its pidfd callback may not have run
+        yet); whether it has been reaped."""
+        return self._reap_main()
+
     def _reap_main(self) -> bool:
+        if self._exit_code is not None:
+            return True  # reaped already, by reap_if_exited: its status is ours, not lost
         try:
             pid, status, usage = os.wait4(self.pid, os.WNOHANG)
         except ChildProcessError:

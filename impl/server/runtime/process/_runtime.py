@@ -23,7 +23,7 @@ from ._exec import ProcessExec
 from ._finder import ProcessFinder
 from ._freezer import Freezer
 from ._procfs import CLK_TCK, PAGE_SIZE, ProcStat, boot_seconds, memory_limit, read_io, scan_proc
-from ._spawn import become_subreaper, check_id, has_zombie_child, send_signal, start_process
+from ._spawn import become_subreaper, check_id, first_zombie_child, send_signal, start_process
 
 __all__ = ["ProcessRuntime"]
 
@@ -67,6 +67,9 @@ class ProcessRuntime:
         self._execs: dict[tuple[str, str], ProcessExec] = {}
         #: Released execs whose processes, zombies or cgroup are not gone yet.
         self._graveyard: set[ProcessExec] = set()
+        #: Execs whose main process was reaped, waiting for :meth:`note_exit` to look at them.
+        self._exits: list[ProcessExec] = []
+        self._noting = False
         self._paused: set[str] = set()
         self._cpu_windows: dict[tuple[str, str | None], tuple[float, float]] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -272,18 +275,41 @@ class ProcessRuntime:
 
     def note_exit(self, proc: ProcessExec) -> None:
         """:class:`ExecOwner`: the main process of ``proc`` was reaped."""
-        # Record the main process's descendants now, while they are alive and findable:
-        # re-parented and dead, an escaped one could no longer be told apart.
-        if self._nothing_left(proc) and not has_zombie_child():
-            # Nothing of the exec is alive or unreaped: skip the scan (a cost per exit).
-            proc.session_active = False
-            return
+        self._exits.append(proc)
+        if self._noting:
+            return  # reaped by the call below (reap_if_exited): that call notes it too
+        self._noting = True
         try:
-            stats = scan_proc()
-            self._finder.members(stats, [proc])
-            self._finder.reap_orphans(stats, self._all_execs())
+            unknown_zombie = self._reap_exited_mains()
+            exits, self._exits = self._exits, []
+            # Record the main process's descendants now, while they are alive and findable:
+            # re-parented and dead, an escaped one could no longer be told apart.
+            left = exits if unknown_zombie else [p for p in exits if not self._nothing_left(p)]
+            for done in exits:
+                if done not in left:
+                    # Nothing of the exec is alive or unreaped: no scan (a cost per exit).
+                    done.session_active = False
+            if left:
+                stats = scan_proc()
+                self._finder.members(stats, left)
+                self._finder.reap_orphans(stats, self._all_execs())
         except OSError:
             log.exception("scanning the processes of %s failed", proc.label)
+        finally:
+            self._noting = False
+
+    def _reap_exited_mains(self) -> bool:
+        """Reap the main processes of execs that exited and whose pidfd callback has not run
+        yet (many execs end together in a burst); whether a zombie child is left that is
+        not one of them: an orphan, which only a scan can attribute."""
+        mains: dict[int, ProcessExec] | None = None
+        while (pid := first_zombie_child()) is not None:
+            if mains is None:
+                mains = {p.pid: p for p in self._all_execs() if p.exit_code is None}
+            main = mains.pop(pid, None)
+            if main is None or not main.reap_if_exited():
+                return True
+        return False
 
     def _nothing_left(self, proc: ProcessExec) -> bool:
         """Whether the freezer alone shows that no process of ``proc`` is alive: its main

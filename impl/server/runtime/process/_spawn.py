@@ -42,7 +42,7 @@ __all__ = [
     "clean_signals_prefix",
     "ctty_prefix",
     "exit_code_of",
-    "has_zombie_child",
+    "first_zombie_child",
     "send_signal",
     "start_process",
 ]
@@ -201,12 +201,13 @@ def send_signal(pid: int, signum: int) -> None:
         os.kill(pid, signum)
 
 
-def has_zombie_child() -> bool:
-    """Whether any child of the server is waitable; WNOWAIT leaves it unreaped."""
+def first_zombie_child() -> int | None:
+    """The pid of a child of the server that is waitable, if any; WNOWAIT leaves it unreaped."""
     try:
-        return os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
     except ChildProcessError:
-        return False
+        return None
+    return found.si_pid if found is not None else None
 
 
 def exit_code_of(status: int) -> int:
