@@ -851,7 +851,16 @@ async def test_execs_start_with_default_signals_and_an_empty_mask(
     assert _signal_state(run.stdout.text.replace("\r\n", "\n")) == {"SigIgn": 0, "SigBlk": 0}
 
 
-def test_clean_server_signal_state_needs_no_trampoline() -> None:
+@pytest.mark.parametrize("source", ["proc", "signal module"])
+def test_clean_server_signal_state_needs_no_trampoline(
+    source: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if source != "proc":
+
+        def no_proc(*args: object, **kwargs: object) -> object:
+            raise FileNotFoundError("/proc/thread-self/status")
+
+        monkeypatch.setattr(_spawn, "open", no_proc, raising=False)
     # Started with `&` from a script, this process itself ignores SIGINT and SIGQUIT.
     ignored = [
         signum
@@ -866,6 +875,10 @@ def test_clean_server_signal_state_needs_no_trampoline() -> None:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         assert _spawn.clean_signals_prefix() != ()
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+        assert _spawn.clean_signals_prefix() != ()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
+        assert _spawn.clean_signals_prefix() == ()
     finally:
         for signum in ignored:
             signal.signal(signum, signal.SIG_IGN)

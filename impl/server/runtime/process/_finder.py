@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 
 from ._freezer import remove_stale_groups
 from ._procfs import ProcStat, cgroup_mount, read_stdio, read_tag, scan_proc
-from ._spawn import send_signal
+from ._spawn import first_zombie_child, send_signal
 
 if TYPE_CHECKING:
     from ._exec import ProcessExec
     from ._freezer import Freezer
 
-__all__ = ["ProcessFinder", "end_leftovers"]
+__all__ = ["ProcessFinder", "end_leftovers", "reap_exited_mains"]
 
 #: Rounds of killing a dead runtime's processes: they may fork while being killed.
 _KILL_ROUNDS = 8
@@ -48,6 +48,20 @@ def end_leftovers(token: str) -> int:
         with contextlib.suppress(OSError):
             remove_stale_groups(mount / "execstream")
     return len(killed)
+
+
+def reap_exited_mains(execs: Iterable[ProcessExec]) -> bool:
+    """Reap the main processes of ``execs`` that exited and whose pidfd callback has not run
+    yet (many execs end together in a burst); whether a zombie child is left that is none of
+    them: an orphan, which only a scan can attribute."""
+    mains: dict[int, ProcessExec] | None = None
+    while (pid := first_zombie_child()) is not None:
+        if mains is None:
+            mains = {proc.pid: proc for proc in execs if proc.exit_code is None}
+        main = mains.pop(pid, None)
+        if main is None or not main.reap_if_exited():
+            return True
+    return False
 
 
 class ProcessFinder:
@@ -89,6 +103,8 @@ class ProcessFinder:
                         if pid in stats:
                             claim(pid, proc)
         for proc in execs:
+            if proc.exit_code is None and proc.pid in stats:
+                claim(proc.pid, proc)  # not reaped yet: its pid is still its own
             for pid, start in proc.known.items():
                 known = stats.get(pid)
                 if known is not None and known.start_ticks == start:

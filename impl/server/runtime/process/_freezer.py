@@ -30,6 +30,12 @@ class Freezer:
         self.mount = mount
         self.root = root
         self._names = itertools.count(1)
+        #: The next exec's group, made after the previous fork so that a spawn waits for
+        #: one mkdir less before its fork.
+        self._spare: Path | None = None
+        #: Each spawning thread's own group, read the first time it spawns: it is where the
+        #: thread goes back to after each fork (a read less per spawn).
+        self._homes: dict[int, Path] = {}
 
     @classmethod
     def create(cls, name: str) -> Freezer:
@@ -47,11 +53,17 @@ class Freezer:
             with freezer.born_in(root):
                 pass  # proves that this thread can join a group and come back
         except OSError:
-            root.rmdir()
+            freezer.close()
             raise
         return freezer
 
     def new_group(self) -> Path:
+        group, self._spare = self._spare, None
+        if group is None:
+            group = self._make_group()
+        return group
+
+    def _make_group(self) -> Path:
         group = self.root / str(next(self._names))
         group.mkdir()
         return group
@@ -60,12 +72,19 @@ class Freezer:
     def born_in(self, group: Path) -> Iterator[None]:
         """Children forked by this thread inside the block start in ``group``."""
         tid = threading.get_native_id()
-        home = self._group_of_thread(tid)
+        home = self._homes.get(tid)
+        if home is None:
+            home = self._homes[tid] = self._group_of_thread(tid)
         (group / "tasks").write_text(str(tid))
         try:
             yield
         finally:
             self._leave(tid, home)
+            # While the child just forked gets going.
+            # On failure the next spawn makes its group itself, and reports the error.
+            if self._spare is None:
+                with contextlib.suppress(OSError):
+                    self._spare = self._make_group()
 
     def _leave(self, tid: int, home: Path) -> None:
         # Staying would freeze the server's thread with the exec: fall back to the root.
@@ -111,6 +130,9 @@ class Freezer:
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
+            if self._spare is not None:
+                self._spare.rmdir()
+                self._spare = None
             self.root.rmdir()
 
 

@@ -20,10 +20,10 @@ from pathlib import Path
 from ..._errors import ErrorCode, ExecError
 from .._base import ExecSpec, OutputSink, ResourceSample, in_scope, refused_spawn
 from ._exec import ProcessExec
-from ._finder import ProcessFinder
+from ._finder import ProcessFinder, reap_exited_mains
 from ._freezer import Freezer
 from ._procfs import CLK_TCK, PAGE_SIZE, ProcStat, boot_seconds, memory_limit, read_io, scan_proc
-from ._spawn import become_subreaper, check_id, first_zombie_child, send_signal, start_process
+from ._spawn import become_subreaper, check_id, send_signal, start_process
 
 __all__ = ["ProcessRuntime"]
 
@@ -65,6 +65,8 @@ class ProcessRuntime:
         self._token = f"{os.getpid()}.{secrets.token_hex(4)}"
         self._serial = itertools.count(1)
         self._execs: dict[tuple[str, str], ProcessExec] = {}
+        #: How many of ``_execs`` each container has: its directory exists while it has one.
+        self._exec_counts: dict[str, int] = {}
         #: Released execs whose processes, zombies or cgroup are not gone yet.
         self._graveyard: set[ProcessExec] = set()
         #: Execs whose main process was reaped, waiting for :meth:`note_exit` to look at them.
@@ -115,7 +117,7 @@ class ProcessRuntime:
         if container_id in self._paused:
             raise ExecError(ErrorCode.FAILED_PRECONDITION, f"container {container_id!r} is paused")
         self._set_up_once()
-        directory.mkdir(parents=True, exist_ok=True)
+        self._make_container_dir(container_id, directory)
         try:
             spawned = start_process(
                 container_id,
@@ -146,6 +148,7 @@ class ProcessRuntime:
                 shutil.rmtree(directory, ignore_errors=True)
             raise
         self._execs[(container_id, exec_id)] = proc
+        self._exec_counts[container_id] = self._exec_counts.get(container_id, 0) + 1
         self._ensure_sweeper(loop)
         return proc
 
@@ -264,8 +267,14 @@ class ProcessRuntime:
                 raise RuntimeError(f"the cgroup v1 freezer is not usable: {exc}") from exc
             log.info("cgroup v1 freezer not usable (%s): pausing with SIGSTOP/SIGCONT", exc)
 
+    def _make_container_dir(self, container_id: str, directory: Path) -> None:
+        # A stat where a mkdir would fail (EEXIST) and then stat anyway; an exec may have
+        # removed its own HOME, so it is made again.
+        if not self._has_execs(container_id) or not os.path.isdir(directory):
+            directory.mkdir(parents=True, exist_ok=True)
+
     def _has_execs(self, container_id: str) -> bool:
-        return any(c == container_id for c, _ in self._execs)
+        return container_id in self._exec_counts
 
     def _all_execs(self) -> list[ProcessExec]:
         return [*self._execs.values(), *self._graveyard]
@@ -280,7 +289,7 @@ class ProcessRuntime:
             return  # reaped by the call below (reap_if_exited): that call notes it too
         self._noting = True
         try:
-            unknown_zombie = self._reap_exited_mains()
+            unknown_zombie = reap_exited_mains(self._all_execs())
             exits, self._exits = self._exits, []
             # Record the main process's descendants now, while they are alive and findable:
             # re-parented and dead, an escaped one could no longer be told apart.
@@ -297,19 +306,6 @@ class ProcessRuntime:
             log.exception("scanning the processes of %s failed", proc.label)
         finally:
             self._noting = False
-
-    def _reap_exited_mains(self) -> bool:
-        """Reap the main processes of execs that exited and whose pidfd callback has not run
-        yet (many execs end together in a burst); whether a zombie child is left that is
-        not one of them: an orphan, which only a scan can attribute."""
-        mains: dict[int, ProcessExec] | None = None
-        while (pid := first_zombie_child()) is not None:
-            if mains is None:
-                mains = {p.pid: p for p in self._all_execs() if p.exit_code is None}
-            main = mains.pop(pid, None)
-            if main is None or not main.reap_if_exited():
-                return True
-        return False
 
     def _nothing_left(self, proc: ProcessExec) -> bool:
         """Whether the freezer alone shows that no process of ``proc`` is alive: its main
@@ -363,6 +359,9 @@ class ProcessRuntime:
         key = (proc.container_id, proc.exec_id)
         if self._execs.get(key) is proc:
             del self._execs[key]
+            self._exec_counts[proc.container_id] -= 1
+            if not self._exec_counts[proc.container_id]:
+                del self._exec_counts[proc.container_id]
         self._cpu_windows.pop(key, None)
         try:
             self._kill_now(proc)
@@ -397,7 +396,8 @@ class ProcessRuntime:
         found = self._finder.members(stats, execs)
         for proc in list(self._graveyard):
             pids = found[proc]
-            self._sigkill(proc, [pid for pid in pids if stats[pid].alive])
+            if live := [pid for pid in pids if stats[pid].alive]:
+                self._sigkill(proc, live)  # no freeze and thaw (two writes) for nothing
             if proc.exit_code is None or pids:
                 continue
             if proc.group is not None and self._freezer is not None:
