@@ -7,6 +7,7 @@ that runtime's state dir as ``HOME`` is left on the machine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import re
@@ -719,6 +720,51 @@ async def test_exits_with_nothing_left_need_no_scan(
         await eventually(lambda: not exists(pid), "the zombie to be reaped")
     finally:
         await closed_and_clean(rt)
+
+
+@pytest.fixture
+async def freezer_runtime(tmp_path: Path) -> AsyncIterator[ProcessRuntime]:
+    rt = ProcessRuntime(tmp_path / "state", cgroup_freezer=True)
+    try:
+        assert rt.pause_method == "freezer"
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    yield rt
+    await closed_and_clean(rt)
+
+
+async def test_concurrent_spawns_are_born_each_in_a_group_of_its_own(
+    freezer_runtime: ProcessRuntime,
+) -> None:
+    runs = await asyncio.gather(*(start(freezer_runtime, ["sleep", "100"]) for _ in range(12)))
+    groups = {run.proc.group for run in runs}
+    assert None not in groups
+    assert len(groups) == len(runs)
+
+    def members(run: Run) -> list[int]:
+        assert run.proc.group is not None
+        return [int(pid) for pid in (run.proc.group / "cgroup.procs").read_text().split()]
+
+    # The spawner thread forked each one there and moved on: the group holds the exec only.
+    await eventually(lambda: all(members(run) == [run.proc.pid] for run in runs), "one each")
+    await freezer_runtime.pause("c1")
+    await freezer_runtime.resume("c1")
+    for run in runs:
+        await run.proc.kill()
+
+
+async def test_a_spawn_cancelled_while_forking_leaves_no_process(
+    freezer_runtime: ProcessRuntime,
+) -> None:
+    for i in range(5):
+        task = asyncio.create_task(start(freezer_runtime, ["sleep", "100"], exec_id=f"x{i}"))
+        await asyncio.sleep(0)  # the fork is under way on the spawner thread
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    home = freezer_runtime.state_dir
+    await eventually(lambda: not processes_with_home_under(home), "the abandoned execs to end")
+    assert freezer_runtime.processes_of("c1") == []
 
 
 async def test_stale_freezer_groups_of_a_dead_server_are_removed(tmp_path: Path) -> None:

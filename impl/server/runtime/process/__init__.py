@@ -21,9 +21,12 @@ called on the event loop thread.
 
 **Finding processes.**  With a writable cgroup-v1 freezer hierarchy (there is one on the
 reference machine) each exec gets a freezer cgroup of its own,
-``<freezer>/execstream/<server pid>.<random>/<n>``: the spawning thread joins it for the
-instant of the fork (cgroup v1 moves single threads), so the child is born inside and every
-descendant, ``setsid`` or not, stays there unless it writes cgroup files itself.  The groups
+``<freezer>/execstream/<server pid>.<random>/<n>``: execs are forked by a spawner thread that
+waits inside the next exec's fresh group (cgroup v1 moves single threads), so the child is
+born inside and every descendant, ``setsid`` or not, stays there unless it writes cgroup
+files itself.  A move waits for an RCU grace period (milliseconds), so the spawner makes it
+right after each fork, off the event loop and ahead of the next spawn; freezing or removing
+a group first waits until the spawner has left it.  The groups
 of a server that died without ``close`` are emptied (their processes killed) and removed by the
 next runtime that starts.
 Without the freezer, a /proc scan attributes processes to execs by, in order: the processes

@@ -5,12 +5,15 @@ See the package docstring ("Finding processes", "Reaping").
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from ..._errors import ErrorCode, ExecError
 from ._freezer import remove_stale_groups
 from ._procfs import ProcStat, cgroup_mount, read_stdio, read_tag, scan_proc
 from ._spawn import first_zombie_child, send_signal
@@ -133,6 +136,32 @@ class ProcessFinder:
             if proc.exit_code is not None and proc.pid not in present:
                 proc.session_active = False
         return found
+
+    async def stop(self, container_id: str, execs: Sequence[ProcessExec], within: float) -> None:
+        """SIGSTOP every process of ``execs`` until none runs (UNAVAILABLE after ``within``
+        s); a stopped process cannot fork, so this ends."""
+        deadline = time.monotonic() + within
+        while True:
+            stats = scan_proc()
+            found = self.members(stats, execs)
+            running = [
+                pid
+                for pids in found.values()
+                for pid in pids
+                if stats[pid].alive and stats[pid].state not in ("T", "t")
+            ]
+            if not running:
+                return
+            if time.monotonic() > deadline:
+                states = ", ".join(f"{pid} in state {stats[pid].state}" for pid in running)
+                raise ExecError(
+                    ErrorCode.UNAVAILABLE,
+                    f"processes of container {container_id!r} did not stop within "
+                    f"{within:.0f} s: {states}",
+                )
+            for pid in running:
+                send_signal(pid, signal.SIGSTOP)
+            await asyncio.sleep(0.002)
 
     @staticmethod
     def _stdio_holder(pid: int, execs: Iterable[ProcessExec]) -> ProcessExec | None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -23,7 +25,15 @@ from ._exec import ProcessExec
 from ._finder import ProcessFinder, reap_exited_mains
 from ._freezer import Freezer
 from ._procfs import CLK_TCK, PAGE_SIZE, ProcStat, boot_seconds, memory_limit, read_io, scan_proc
-from ._spawn import become_subreaper, check_id, send_signal, start_process
+from ._spawn import (
+    DISCARD,
+    Spawned,
+    become_subreaper,
+    check_id,
+    forked_in_new_group,
+    send_signal,
+    start_process,
+)
 
 __all__ = ["ProcessRuntime"]
 
@@ -67,6 +77,7 @@ class ProcessRuntime:
         self._execs: dict[tuple[str, str], ProcessExec] = {}
         #: How many of ``_execs`` each container has: its directory exists while it has one.
         self._exec_counts: dict[str, int] = {}
+        self._spawning: set[tuple[str, str]] = set()  # forking on the spawner thread
         #: Released execs whose processes, zombies or cgroup are not gone yet.
         self._graveyard: set[ProcessExec] = set()
         #: Execs whose main process was reaped, waiting for :meth:`note_exit` to look at them.
@@ -110,47 +121,56 @@ class ProcessRuntime:
             raise ExecError(ErrorCode.UNAVAILABLE, "the process runtime is closed")
         check_id("exec_id", exec_id)
         directory = self.container_dir(container_id)
-        if (container_id, exec_id) in self._execs:
+        key = (container_id, exec_id)
+        if key in self._execs or key in self._spawning:
             raise ExecError(
                 ErrorCode.ALREADY_EXISTS, f"exec {container_id}/{exec_id} already exists"
             )
-        if container_id in self._paused:
-            raise ExecError(ErrorCode.FAILED_PRECONDITION, f"container {container_id!r} is paused")
+        self._check_not_paused(container_id)
         self._set_up_once()
         self._make_container_dir(container_id, directory)
-        try:
-            spawned = start_process(
-                container_id,
-                exec_id,
-                spec,
-                stdout,
-                stderr,
-                directory,
-                tag=f"{self._token}.{next(self._serial)}",
-                freezer=self._freezer,
-            )
-            proc = ProcessExec(
-                self,
-                loop,
-                spawned,
-                container_id=container_id,
-                exec_id=exec_id,
-                spec=spec,
-                read_size=self.read_size,
-                drain_timeout=self.drain_timeout,
-            )
-        except (OSError, ValueError) as exc:
-            if not self._has_execs(container_id):
-                shutil.rmtree(directory, ignore_errors=True)
-            raise refused_spawn(exc, spec.command[0]) from exc
-        except BaseException:
-            if not self._has_execs(container_id):
-                shutil.rmtree(directory, ignore_errors=True)
-            raise
-        self._execs[(container_id, exec_id)] = proc
+        tag = f"{self._token}.{next(self._serial)}"
+        fork = functools.partial(
+            start_process, container_id, exec_id, spec, stdout, stderr, directory, tag=tag
+        )
+        # Counted from now: releasing a sibling meanwhile must not remove the directory.
         self._exec_counts[container_id] = self._exec_counts.get(container_id, 0) + 1
+        self._spawning.add(key)
+        try:
+            if self._freezer is None:
+                spawned = fork(None)
+            else:
+                abandon = functools.partial(self._abandon, container_id, exec_id, spec)
+                spawned = await forked_in_new_group(self._freezer, fork, abandon)
+                try:  # as if the spawn had come after a pause or close made meanwhile
+                    self._check_not_paused(container_id)
+                except ExecError:
+                    abandon(spawned)
+                    raise
+            proc = self._exec_of(spawned, container_id, exec_id, spec)
+        except BaseException as exc:
+            self._uncount(container_id)
+            if not self._has_execs(container_id):
+                shutil.rmtree(directory, ignore_errors=True)
+            if isinstance(exc, (OSError, ValueError)):
+                raise refused_spawn(exc, spec.command[0]) from exc
+            raise
+        finally:
+            self._spawning.discard(key)
+        self._execs[key] = proc
         self._ensure_sweeper(loop)
         return proc
+
+    def _check_not_paused(self, container_id: str) -> None:
+        if self._closed:
+            raise ExecError(ErrorCode.UNAVAILABLE, "the process runtime is closed")
+        if container_id in self._paused:
+            raise ExecError(ErrorCode.FAILED_PRECONDITION, f"container {container_id!r} is paused")
+
+    def _uncount(self, container_id: str) -> None:
+        self._exec_counts[container_id] -= 1
+        if not self._exec_counts[container_id]:
+            del self._exec_counts[container_id]
 
     def processes_of(self, container_id: str) -> list[int]:
         """Live pids of every process of the container (released stragglers included)."""
@@ -169,9 +189,10 @@ class ProcessRuntime:
         self._paused.add(container_id)
         try:
             if self._freezer is not None:
-                await self._freeze(container_id, execs)
+                groups = [proc.group for proc in execs if proc.group is not None]
+                await self._freezer.freeze(container_id, groups, _STOP_TIMEOUT)
             else:
-                await self._stop(container_id, execs)
+                await self._finder.stop(container_id, execs, _STOP_TIMEOUT)
         except BaseException:
             self._paused.discard(container_id)
             self._continue(execs)
@@ -267,6 +288,27 @@ class ProcessRuntime:
                 raise RuntimeError(f"the cgroup v1 freezer is not usable: {exc}") from exc
             log.info("cgroup v1 freezer not usable (%s): pausing with SIGSTOP/SIGCONT", exc)
 
+    def _abandon(self, container_id: str, exec_id: str, spec: ExecSpec, spawned: Spawned) -> None:
+        """A process forked for a spawn that failed or was cancelled since: released."""
+        outputs = [(fd, DISCARD, name) for fd, _, name in spawned.outputs]
+        spawned = dataclasses.replace(spawned, outputs=outputs)
+        self.release_exec(self._exec_of(spawned, container_id, exec_id, spec))
+        self._ensure_sweeper(asyncio.get_running_loop())
+
+    def _exec_of(
+        self, spawned: Spawned, container_id: str, exec_id: str, spec: ExecSpec
+    ) -> ProcessExec:
+        return ProcessExec(
+            self,
+            asyncio.get_running_loop(),
+            spawned,
+            container_id=container_id,
+            exec_id=exec_id,
+            spec=spec,
+            read_size=self.read_size,
+            drain_timeout=self.drain_timeout,
+        )
+
     def _make_container_dir(self, container_id: str, directory: Path) -> None:
         # A stat where a mkdir would fail (EEXIST) and then stat anyway; an exec may have
         # removed its own HOME, so it is made again.
@@ -359,9 +401,7 @@ class ProcessRuntime:
         key = (proc.container_id, proc.exec_id)
         if self._execs.get(key) is proc:
             del self._execs[key]
-            self._exec_counts[proc.container_id] -= 1
-            if not self._exec_counts[proc.container_id]:
-                del self._exec_counts[proc.container_id]
+            self._uncount(proc.container_id)
         self._cpu_windows.pop(key, None)
         try:
             self._kill_now(proc)
@@ -406,46 +446,6 @@ class ProcessRuntime:
                 proc.group = None
             self._graveyard.discard(proc)
         self._finder.reap_orphans(stats, self._all_execs())
-
-    async def _freeze(self, container_id: str, execs: Sequence[ProcessExec]) -> None:
-        assert self._freezer is not None
-        freezer = self._freezer
-        groups = [proc.group for proc in execs if proc.group is not None]
-        for group in groups:
-            freezer.set_state(group, "FROZEN")
-        deadline = time.monotonic() + _STOP_TIMEOUT
-        while not all(freezer.state(group) in ("FROZEN", "") for group in groups):
-            if time.monotonic() > deadline:
-                raise ExecError(
-                    ErrorCode.UNAVAILABLE,
-                    f"the processes of container {container_id!r} did not freeze "
-                    f"within {_STOP_TIMEOUT:.0f} s",
-                )
-            await asyncio.sleep(0.002)
-
-    async def _stop(self, container_id: str, execs: Sequence[ProcessExec]) -> None:
-        deadline = time.monotonic() + _STOP_TIMEOUT
-        while True:
-            stats = scan_proc()
-            found = self._finder.members(stats, execs)
-            running = [
-                pid
-                for pids in found.values()
-                for pid in pids
-                if stats[pid].alive and stats[pid].state not in ("T", "t")
-            ]
-            if not running:
-                return
-            if time.monotonic() > deadline:
-                states = ", ".join(f"{pid} in state {stats[pid].state}" for pid in running)
-                raise ExecError(
-                    ErrorCode.UNAVAILABLE,
-                    f"processes of container {container_id!r} did not stop within "
-                    f"{_STOP_TIMEOUT:.0f} s: {states}",
-                )
-            for pid in running:
-                send_signal(pid, signal.SIGSTOP)
-            await asyncio.sleep(0.002)
 
     def _continue(self, execs: Sequence[ProcessExec]) -> None:
         if self._freezer is not None:

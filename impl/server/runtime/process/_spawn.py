@@ -5,6 +5,7 @@ See the package docstring ("Spawning").
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import errno
@@ -18,7 +19,7 @@ import stat
 import subprocess
 import sys
 import termios
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BASE_PATH",
     "CTTY_TRAMPOLINE",
+    "DISCARD",
     "ENV_CONTAINER",
     "ENV_EXEC",
     "ENV_TAG",
@@ -45,6 +47,7 @@ __all__ = [
     "ctty_prefix",
     "exit_code_of",
     "first_zombie_child",
+    "forked_in_new_group",
     "send_signal",
     "start_process",
 ]
@@ -263,6 +266,33 @@ class Spawned:
     stdio: Sequence[str]
 
 
+class _Discard:
+    def write(self, data: bytes) -> None:
+        pass
+
+
+#: A sink for the output nobody will read (a spawn abandoned by its caller).
+DISCARD: OutputSink = _Discard()
+
+
+async def forked_in_new_group(
+    freezer: Freezer, fork: Callable[[Path], Spawned], abandon: Callable[[Spawned], None]
+) -> Spawned:
+    """``fork(group)`` run by the freezer's spawner thread, inside a new group.  Should the
+    caller be cancelled meanwhile, the fork is still waited for (milliseconds) and what it
+    started handed to ``abandon``: a process outlives no spawn."""
+    forked = asyncio.wrap_future(freezer.fork_in_new_group(fork))
+    try:
+        return await asyncio.shield(forked)
+    except asyncio.CancelledError:
+        while not forked.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(forked)
+        if not forked.cancelled() and forked.exception() is None:
+            abandon(forked.result())
+        raise
+
+
 def start_process(
     container_id: str,
     exec_id: str,
@@ -270,12 +300,12 @@ def start_process(
     stdout: OutputSink,
     stderr: OutputSink,
     directory: Path,
+    group: Path | None,
     *,
     tag: str,
-    freezer: Freezer | None,
 ) -> Spawned:
-    """Check ``spec`` (PROTOCOL 3.2) and start it in ``directory``, in the freezer group
-    of its own when there is a freezer."""
+    """Check ``spec`` (PROTOCOL 3.2) and start it in ``directory``.  ``group`` is the freezer
+    group the calling thread is in (where the process is born), if any."""
     cwd = resolve_working_dir(directory, spec.working_dir)
     env = {"PATH": BASE_PATH, "HOME": str(directory)}
     if spec.tty:
@@ -287,7 +317,6 @@ def start_process(
     argv = [*clean_signals, *spec.command]
     parent_fds: list[int] = []
     child_fds: list[int] = []
-    group: Path | None = None
     try:
         master: int | None = None
         outputs: list[tuple[int, OutputSink, str]]
@@ -316,10 +345,7 @@ def start_process(
             links = [f"pipe:[{os.fstat(fd).st_ino}]" for fd in stdio]
             stdin_fd = in_w
             outputs = [(out_r, stdout, "stdout"), (err_r, stderr, "stderr")]
-        if freezer is not None:
-            group = freezer.new_group()
-        birth = freezer.born_in(group) if freezer and group else None
-        with birth or contextlib.nullcontext(), blocked_for_child(bool(clean_signals)):
+        with blocked_for_child(bool(clean_signals)):
             try:
                 popen = subprocess.Popen(
                     argv,
@@ -340,8 +366,6 @@ def start_process(
     except BaseException:
         for fd in parent_fds:
             os.close(fd)
-        if group is not None and freezer is not None:
-            freezer.remove(group)
         raise
     finally:
         for fd in child_fds:
