@@ -24,7 +24,7 @@ from .._base import ExecSpec, OutputSink, ResourceSample, in_scope, refused_spaw
 from ._exec import ProcessExec
 from ._finder import ProcessFinder, reap_exited_mains
 from ._freezer import Freezer
-from ._procfs import CLK_TCK, PAGE_SIZE, ProcStat, boot_seconds, memory_limit, read_io, scan_proc
+from ._procfs import PAGE_SIZE, ProcStat, cpu_percent, memory_limit, read_io, scan_proc
 from ._spawn import (
     DISCARD,
     Spawned,
@@ -44,7 +44,6 @@ _KILL_TIMEOUT = 5.0
 # A process in disk sleep (state D) stops only once its I/O is done: seconds on a busy disk.
 _STOP_TIMEOUT = 10.0
 _SIGNAL_ROUNDS = 8
-_MIN_CPU_WINDOW = 0.1
 
 
 class ProcessRuntime:
@@ -78,6 +77,7 @@ class ProcessRuntime:
         #: How many of ``_execs`` each container has: its directory exists while it has one.
         self._exec_counts: dict[str, int] = {}
         self._spawning: set[tuple[str, str]] = set()  # forking on the spawner thread
+        self._forking: set[int] = set()  # their pids, once forked (added on that thread)
         #: Released execs whose processes, zombies or cgroup are not gone yet.
         self._graveyard: set[ProcessExec] = set()
         #: Execs whose main process was reaped, waiting for :meth:`note_exit` to look at them.
@@ -130,9 +130,15 @@ class ProcessRuntime:
         self._set_up_once()
         self._make_container_dir(container_id, directory)
         tag = f"{self._token}.{next(self._serial)}"
-        fork = functools.partial(
+        start = functools.partial(
             start_process, container_id, exec_id, spec, stdout, stderr, directory, tag=tag
         )
+
+        def fork(group: Path | None) -> Spawned:
+            spawned = start(group)
+            self._forking.add(spawned.popen.pid)
+            return spawned
+
         # Counted from now: releasing a sibling meanwhile must not remove the directory.
         self._exec_counts[container_id] = self._exec_counts.get(container_id, 0) + 1
         self._spawning.add(key)
@@ -148,6 +154,7 @@ class ProcessRuntime:
                     abandon(spawned)
                     raise
             proc = self._exec_of(spawned, container_id, exec_id, spec)
+            self._forking.discard(proc.pid)
         except BaseException as exc:
             self._uncount(container_id)
             if not self._has_execs(container_id):
@@ -251,7 +258,12 @@ class ProcessRuntime:
                     read += r
                     written += w
         return ResourceSample(
-            cpu_percent=self._cpu_percent((container_id, exec_id), ticks, execs),
+            cpu_percent=cpu_percent(
+                self._cpu_windows,
+                (container_id, exec_id),
+                ticks,
+                lambda: min(proc.start_ticks for proc in execs),
+            ),
             memory_bytes=rss,
             memory_limit=memory_limit(min(live)) if live else 0,
             io_read_bytes=read,
@@ -293,6 +305,7 @@ class ProcessRuntime:
         outputs = [(fd, DISCARD, name) for fd, _, name in spawned.outputs]
         spawned = dataclasses.replace(spawned, outputs=outputs)
         self.release_exec(self._exec_of(spawned, container_id, exec_id, spec))
+        self._forking.discard(spawned.popen.pid)
         self._ensure_sweeper(asyncio.get_running_loop())
 
     def _exec_of(
@@ -331,14 +344,15 @@ class ProcessRuntime:
             return  # reaped by the call below (reap_if_exited): that call notes it too
         self._noting = True
         try:
-            unknown_zombie = reap_exited_mains(self._all_execs())
+            unknown_zombie = reap_exited_mains(self._all_execs(), self._forking)
             exits, self._exits = self._exits, []
             # Record the main process's descendants now, while they are alive and findable:
             # re-parented and dead, an escaped one could no longer be told apart.
             left = exits if unknown_zombie else [p for p in exits if not self._nothing_left(p)]
             for done in exits:
-                if done not in left:
+                if done not in left and unknown_zombie is False:
                     # Nothing of the exec is alive or unreaped: no scan (a cost per exit).
+                    # (Undecided: its session is matched until the next sweep sees it empty.)
                     done.session_active = False
             if left:
                 stats = scan_proc()
@@ -458,23 +472,6 @@ class ProcessRuntime:
             for pid in pids:
                 if stats[pid].alive:
                     send_signal(pid, signal.SIGCONT)
-
-    def _cpu_percent(
-        self, key: tuple[str, str | None], ticks: float, execs: Sequence[ProcessExec]
-    ) -> float:
-        now = time.monotonic()
-        previous = self._cpu_windows.get(key)
-        if previous is None:
-            start = min(proc.start_ticks for proc in execs) / CLK_TCK
-            window, used = boot_seconds() - start, ticks
-            self._cpu_windows[key] = (now, ticks)
-        else:
-            window, used = now - previous[0], ticks - previous[1]
-            if window >= _MIN_CPU_WINDOW:
-                self._cpu_windows[key] = (now, ticks)
-        if window <= 0:
-            return 0.0
-        return max(0.0, used / CLK_TCK / window * 100.0)
 
     async def _close(self) -> None:
         self._closed = True
