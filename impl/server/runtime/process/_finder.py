@@ -83,8 +83,8 @@ class ProcessFinder:
         self, stats: Mapping[int, ProcStat], execs: Iterable[ProcessExec]
     ) -> dict[ProcessExec, set[int]]:
         """Every process of each exec, zombies included; recorded for the next scans."""
-        execs = list(execs)
         found: dict[ProcessExec, set[int]] = {proc: set() for proc in execs}
+        execs = [proc for proc in found if not proc.ended]
         if not execs:
             return found
         owner: dict[int, ProcessExec] = {}

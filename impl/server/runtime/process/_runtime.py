@@ -354,6 +354,7 @@ class ProcessRuntime:
                     # Nothing of the exec is alive or unreaped: no scan (a cost per exit).
                     # (Undecided: its session is matched until the next sweep sees it empty.)
                     done.session_active = False
+                    done.ended = True
             if left:
                 stats = scan_proc()
                 self._finder.members(stats, left)
@@ -369,7 +370,7 @@ class ProcessRuntime:
         the group.  Answering that costs one read, where a /proc scan costs ~15 us per
         process of the machine, on the event loop."""
         freezer, group = self._freezer, proc.group
-        return (
+        return proc.ended or (
             freezer is not None
             and group is not None
             and proc.exit_code is not None
