@@ -347,7 +347,8 @@ async def stalled_subscriber(ctx: CaseContext) -> None:
     c = ctx.container_id()
     stalled = await ctx.subscribe(label="stalled", read=False)
     reader = await ctx.subscribe(c, label="reader")
-    execs = [ctx.exec_id() for _ in range(20)]
+    # Concurrent execs of one container: within the target's limit, however fast it starts them.
+    execs = [ctx.exec_id() for _ in range(min(20, ctx.target.max_execs_per_container or 20))]
     # Output too, so that events and sessions share the target's time.
     results = await gather_all(*(ctx.run(c, e, w.sh("seq 1 2000")) for e in execs))
     for client in results:

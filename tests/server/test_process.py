@@ -7,6 +7,7 @@ that runtime's state dir as ``HOME`` is left on the machine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import re
@@ -22,7 +23,7 @@ from cpu import BURN_SECONDS, BURNER, TICK_TOLERANCE, assert_percent_matches, br
 
 from execstream.server._errors import ErrorCode, ExecError
 from execstream.server.runtime import ExecSpec, ProcessExec, ProcessRuntime
-from execstream.server.runtime.process import _freezer, _procfs, _spawn, end_leftovers
+from execstream.server.runtime.process import _freezer, _procfs, _runtime, _spawn, end_leftovers
 from execstream.server.runtime.process._stdio import OutputReader, grow_pipe
 
 TIMEOUT = 10.0
@@ -735,6 +736,106 @@ async def test_a_zombie_left_in_the_session_is_reaped(any_runtime: ProcessRuntim
     await eventually(lambda: not exists(zombie), "the zombie to be reaped")
 
 
+async def test_execs_ending_together_keep_their_exit_codes(
+    any_runtime: ProcessRuntime, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Spawning never yields to the loop: every exec may have exited before any exit is
+    # noticed, so the first one noticed reaps the others (see note_exit).
+    runs = [await start(any_runtime, ["sh", "-c", f"exit {n}"]) for n in range(24)]
+    codes = await asyncio.gather(*(run.wait() for run in runs))
+    assert codes == list(range(24))
+    assert "reaped by someone else" not in caplog.text
+
+
+async def test_exits_with_nothing_left_need_no_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the freezer, an exit that leaves nothing behind costs no /proc scan, even when
+    other execs' main processes wait to be reaped; an orphan zombie is still reaped."""
+    rt = ProcessRuntime(tmp_path / "state", cgroup_freezer=True)
+    try:
+        assert rt.pause_method == "freezer"
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    if _spawn.first_zombie_child() is not None:
+        pytest.skip("a zombie child of the test process that no exec knows would need a scan")
+    scans_in_note_exit = 0
+    noting = False
+    scan, note_exit = _runtime.scan_proc, rt.note_exit
+
+    def counted_scan() -> dict[int, _procfs.ProcStat]:
+        nonlocal scans_in_note_exit
+        scans_in_note_exit += noting
+        return scan()
+
+    def noted(proc: ProcessExec) -> None:
+        nonlocal noting
+        noting = True
+        try:
+            note_exit(proc)
+        finally:
+            noting = False
+
+    monkeypatch.setattr(_runtime, "scan_proc", counted_scan)
+    monkeypatch.setattr(rt, "note_exit", noted)
+    try:
+        runs = [await start(rt, ["true"]) for _ in range(16)]
+        assert await asyncio.gather(*(run.wait() for run in runs)) == [0] * 16
+        assert scans_in_note_exit == 0
+        assert all(run.proc.ended for run in runs)  # later scans pass them by
+        zombie = await start(rt, ["sh", "-c", "true & echo $!; exec sleep 0.3"])
+        assert await zombie.wait() == 0
+        (pid,) = zombie.pids()
+        await eventually(lambda: not exists(pid), "the zombie to be reaped")
+    finally:
+        await closed_and_clean(rt)
+
+
+@pytest.fixture
+async def freezer_runtime(tmp_path: Path) -> AsyncIterator[ProcessRuntime]:
+    rt = ProcessRuntime(tmp_path / "state", cgroup_freezer=True)
+    try:
+        assert rt.pause_method == "freezer"
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    yield rt
+    await closed_and_clean(rt)
+
+
+async def test_concurrent_spawns_are_born_each_in_a_group_of_its_own(
+    freezer_runtime: ProcessRuntime,
+) -> None:
+    runs = await asyncio.gather(*(start(freezer_runtime, ["sleep", "100"]) for _ in range(12)))
+    groups = {run.proc.group for run in runs}
+    assert None not in groups
+    assert len(groups) == len(runs)
+
+    def members(run: Run) -> list[int]:
+        assert run.proc.group is not None
+        return [int(pid) for pid in (run.proc.group / "cgroup.procs").read_text().split()]
+
+    # The spawner thread forked each one there and moved on: the group holds the exec only.
+    await eventually(lambda: all(members(run) == [run.proc.pid] for run in runs), "one each")
+    await freezer_runtime.pause("c1")
+    await freezer_runtime.resume("c1")
+    for run in runs:
+        await run.proc.kill()
+
+
+async def test_a_spawn_cancelled_while_forking_leaves_no_process(
+    freezer_runtime: ProcessRuntime,
+) -> None:
+    for i in range(5):
+        task = asyncio.create_task(start(freezer_runtime, ["sleep", "100"], exec_id=f"x{i}"))
+        await asyncio.sleep(0)  # the fork is under way on the spawner thread
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    home = freezer_runtime.state_dir
+    await eventually(lambda: not processes_with_home_under(home), "the abandoned execs to end")
+    assert freezer_runtime.processes_of("c1") == []
+
+
 async def test_stale_freezer_groups_of_a_dead_server_are_removed(tmp_path: Path) -> None:
     mount = _procfs.cgroup_mount("freezer")
     if mount is None or not os.access(mount, os.W_OK):
@@ -865,7 +966,16 @@ async def test_execs_start_with_default_signals_and_an_empty_mask(
     assert _signal_state(run.stdout.text.replace("\r\n", "\n")) == {"SigIgn": 0, "SigBlk": 0}
 
 
-def test_clean_server_signal_state_needs_no_trampoline() -> None:
+@pytest.mark.parametrize("source", ["proc", "signal module"])
+def test_clean_server_signal_state_needs_no_trampoline(
+    source: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if source != "proc":
+
+        def no_proc(*args: object, **kwargs: object) -> object:
+            raise FileNotFoundError("/proc/thread-self/status")
+
+        monkeypatch.setattr(_spawn, "open", no_proc, raising=False)
     # Started with `&` from a script, this process itself ignores SIGINT and SIGQUIT.
     ignored = [
         signum
@@ -880,6 +990,10 @@ def test_clean_server_signal_state_needs_no_trampoline() -> None:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         assert _spawn.clean_signals_prefix() != ()
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+        assert _spawn.clean_signals_prefix() != ()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
+        assert _spawn.clean_signals_prefix() == ()
     finally:
         for signum in ignored:
             signal.signal(signum, signal.SIG_IGN)

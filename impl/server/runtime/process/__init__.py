@@ -21,9 +21,12 @@ called on the event loop thread.
 
 **Finding processes.**  With a writable cgroup-v1 freezer hierarchy (there is one on the
 reference machine) each exec gets a freezer cgroup of its own,
-``<freezer>/execstream/<server pid>.<random>/<n>``: the spawning thread joins it for the
-instant of the fork (cgroup v1 moves single threads), so the child is born inside and every
-descendant, ``setsid`` or not, stays there unless it writes cgroup files itself.  The groups
+``<freezer>/execstream/<server pid>.<random>/<n>``: execs are forked by a spawner thread that
+waits inside the next exec's fresh group (cgroup v1 moves single threads), so the child is
+born inside and every descendant, ``setsid`` or not, stays there unless it writes cgroup
+files itself.  A move waits for an RCU grace period (milliseconds), so the spawner makes it
+right after each fork, off the event loop and ahead of the next spawn; freezing or removing
+a group first waits until the spawner has left it.  The groups
 of a server that died without ``close`` are emptied (their processes killed) and removed by the
 next runtime that starts.
 Without the freezer, a /proc scan attributes processes to execs by, in order: the processes
@@ -39,6 +42,10 @@ orphan only once it has attributed it to one of its execs (zombies keep their se
 their environment or cgroup): never ``waitpid(-1)``, so no exit status that asyncio or
 ``subprocess`` waits for elsewhere in the server is stolen.  A sweep (every second, while any
 exec exists) records escaped descendants while they live and reaps them once they died.
+When a main process is reaped, its exec's processes are recorded by a /proc scan, unless the
+freezer shows that nothing of the exec is left and no zombie child of the server is left
+but the main processes of other execs (those are reaped there and then, as their pidfds
+would have them reaped a moment later): execs ending together cost no scan each.
 Limit: an orphan that left its session and died between two scans stays a zombie of the
 server; so do orphans of other components' children, which the subreaper now collects too.
 

@@ -82,11 +82,16 @@ class ProcessExec:
         #: fds 0-2 of the exec as /proc shows them: a process holding one is of this exec.
         self.stdio = frozenset(spawned.stdio)
         self._size = (spec.width, spec.height)
-        st = read_stat(self.pid)
-        self.start_ticks = st.start_ticks if st is not None else 0
+        # Read on first use: right after the fork, reading /proc/<pid>/stat waits while the
+        # child is still in execve (up to half a millisecond, on the event loop).
+        self._start_ticks: int | None = None
         self.session_active = True
-        #: Processes attributed to this exec at the last scan: pid -> start ticks.
-        self.known: dict[int, int] = {self.pid: self.start_ticks}
+        #: Nothing of the exec is left, and nothing can be again: its exit showed an empty
+        #: freezer group (nothing enters a group but by a move).  Scans pass it by.
+        self.ended = False
+        #: Processes attributed to this exec at the last scan: pid -> start ticks.  The main
+        #: process is the exec's until reaped (its pid cannot be reused before): not listed.
+        self.known: dict[int, int] = {}
         self.reaped = Reaped()
         self._exit_code: int | None = None
         self._finished: asyncio.Future[int] = loop.create_future()
@@ -118,6 +123,15 @@ class ProcessExec:
     def __repr__(self) -> str:
         state = "running" if self._exit_code is None else f"exited {self._exit_code}"
         return f"<ProcessExec {self.container_id}/{self.exec_id} pid={self.pid} {state}>"
+
+    @property
+    def start_ticks(self) -> int:
+        """When the main process started, in clock ticks since boot (``/proc``), or 0 when
+        it could not be read."""
+        if self._start_ticks is None:
+            st = read_stat(self.pid) if self._exit_code is None else None
+            self._start_ticks = st.start_ticks if st is not None else 0
+        return self._start_ticks
 
     @property
     def exit_code(self) -> int | None:
@@ -193,7 +207,15 @@ class ProcessExec:
         if not self._reap_main():
             self._loop.call_later(0.05, self._poll_main)
 
+    def reap_if_exited(self) -> bool:
+        """Reap the main process now if it has exited (its pidfd callback may not have run
+        yet); whether it has been reaped."""
+        return self._reap_main()
+
     def _reap_main(self) -> bool:
+        if self._exit_code is not None:
+            return True  # reaped already, by reap_if_exited: its status is ours, not lost
+        _ = self.start_ticks  # readable until reaped (a zombie's stat is)
         try:
             pid, status, usage = os.wait4(self.pid, os.WNOHANG)
         except ChildProcessError:

@@ -5,21 +5,24 @@ See the package docstring ("Finding processes", "Reaping").
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Mapping, Sequence, Set
 from typing import TYPE_CHECKING
 
+from ..._errors import ErrorCode, ExecError
 from ._freezer import remove_stale_groups
 from ._procfs import ProcStat, cgroup_mount, read_stdio, read_tag, scan_proc
-from ._spawn import send_signal
+from ._spawn import first_zombie_child, send_signal
 
 if TYPE_CHECKING:
     from ._exec import ProcessExec
     from ._freezer import Freezer
 
-__all__ = ["ProcessFinder", "end_leftovers"]
+__all__ = ["ProcessFinder", "end_leftovers", "reap_exited_mains"]
 
 #: Rounds of killing a dead runtime's processes: they may fork while being killed.
 _KILL_ROUNDS = 8
@@ -50,6 +53,24 @@ def end_leftovers(token: str) -> int:
     return len(killed)
 
 
+def reap_exited_mains(execs: Iterable[ProcessExec], forking: Set[int]) -> bool | None:
+    """Reap the main processes of ``execs`` that exited and whose pidfd callback has not run
+    yet (many execs end together in a burst); whether a zombie child is left that is none of
+    them: an orphan, which only a scan can attribute.  None when that cannot be told: the
+    zombie in view is the main process of an exec still being spawned (``forking``), which
+    only its own exec may reap."""
+    mains: dict[int, ProcessExec] | None = None
+    while (pid := first_zombie_child()) is not None:
+        if mains is None:
+            mains = {proc.pid: proc for proc in execs if proc.exit_code is None}
+        main = mains.pop(pid, None)
+        if main is None:
+            return None if pid in forking else True
+        if not main.reap_if_exited():
+            return True
+    return False
+
+
 class ProcessFinder:
     """Attributes processes to execs: by freezer group, earlier scans, session, descent, the
     ``EXECSTREAM_TAG`` marker and stdio, in that order; records what it found on each exec."""
@@ -62,8 +83,8 @@ class ProcessFinder:
         self, stats: Mapping[int, ProcStat], execs: Iterable[ProcessExec]
     ) -> dict[ProcessExec, set[int]]:
         """Every process of each exec, zombies included; recorded for the next scans."""
-        execs = list(execs)
         found: dict[ProcessExec, set[int]] = {proc: set() for proc in execs}
+        execs = [proc for proc in found if not proc.ended]
         if not execs:
             return found
         owner: dict[int, ProcessExec] = {}
@@ -89,6 +110,8 @@ class ProcessFinder:
                         if pid in stats:
                             claim(pid, proc)
         for proc in execs:
+            if proc.exit_code is None and proc.pid in stats:
+                claim(proc.pid, proc)  # not reaped yet: its pid is still its own
             for pid, start in proc.known.items():
                 known = stats.get(pid)
                 if known is not None and known.start_ticks == start:
@@ -117,6 +140,32 @@ class ProcessFinder:
             if proc.exit_code is not None and proc.pid not in present:
                 proc.session_active = False
         return found
+
+    async def stop(self, container_id: str, execs: Sequence[ProcessExec], within: float) -> None:
+        """SIGSTOP every process of ``execs`` until none runs (UNAVAILABLE after ``within``
+        s); a stopped process cannot fork, so this ends."""
+        deadline = time.monotonic() + within
+        while True:
+            stats = scan_proc()
+            found = self.members(stats, execs)
+            running = [
+                pid
+                for pids in found.values()
+                for pid in pids
+                if stats[pid].alive and stats[pid].state not in ("T", "t")
+            ]
+            if not running:
+                return
+            if time.monotonic() > deadline:
+                states = ", ".join(f"{pid} in state {stats[pid].state}" for pid in running)
+                raise ExecError(
+                    ErrorCode.UNAVAILABLE,
+                    f"processes of container {container_id!r} did not stop within "
+                    f"{within:.0f} s: {states}",
+                )
+            for pid in running:
+                send_signal(pid, signal.SIGSTOP)
+            await asyncio.sleep(0.002)
 
     @staticmethod
     def _stdio_holder(pid: int, execs: Iterable[ProcessExec]) -> ProcessExec | None:

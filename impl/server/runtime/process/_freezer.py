@@ -5,31 +5,57 @@ See the package docstring ("Finding processes", "Pausing", "Killing").
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import itertools
 import logging
 import os
+import queue
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
+from ..._errors import ErrorCode, ExecError
 from ._procfs import cgroup_mount
 
 __all__ = ["Freezer", "remove_stale_groups"]
 
 log = logging.getLogger("execstream.server.process")
 
+T = TypeVar("T")
+#: How long a move of the spawner into a group may take, at most (a grace period or two).
+_MOVE_TIMEOUT = 10.0
+
 
 class Freezer:
-    """One freezer cgroup per exec, under a root that belongs to one runtime."""
+    """One freezer cgroup per exec, under a root that belongs to one runtime.
+
+    Moving a thread into a cgroup-v1 group waits for an RCU grace period: milliseconds (12
+    ms was seen under load), which a spawn would wait before its fork.  So execs are forked
+    by a thread of their own, the spawner, which moves into the next exec's fresh group
+    ahead of time, right after each fork (:meth:`fork_in_new_group`).  Until that move is
+    done the spawner is still in the group of the exec just forked: freezing or removing
+    that group first waits for it.  The spawner does nothing but fork: a thread it made
+    would stay in an exec's group.
+    """
 
     def __init__(self, mount: Path, root: Path) -> None:
         self.mount = mount
         self.root = root
         self._names = itertools.count(1)
+        self._jobs: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
+        self._spawner: threading.Thread | None = None
+        #: The group the spawner is leaving (the exec it forked last), until it has.
+        self._leaving: Path | None = None
+        self._left = threading.Event()
+        self._left.set()
+        self._spare: Path | None = None  # the group the spawner waits in
 
     @classmethod
     def create(cls, name: str) -> Freezer:
@@ -47,14 +73,23 @@ class Freezer:
             with freezer.born_in(root):
                 pass  # proves that this thread can join a group and come back
         except OSError:
-            root.rmdir()
+            freezer.close()
             raise
         return freezer
 
-    def new_group(self) -> Path:
-        group = self.root / str(next(self._names))
-        group.mkdir()
-        return group
+    def fork_in_new_group(self, fork: Callable[[Path], T]) -> concurrent.futures.Future[T]:
+        """Run ``fork(group)`` on the spawner, which is inside ``group``, a new group: the
+        children it forks are born there."""
+        if self._spawner is None:
+            # Started by a thread in the server's own group (the runtime never moves its
+            # other threads), so the spawner starts there too.
+            self._spawner = threading.Thread(
+                target=self._spawn_loop, name="execstream-spawner", daemon=True
+            )
+            self._spawner.start()
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._jobs.put(_Job(fork, future))
+        return future
 
     @contextlib.contextmanager
     def born_in(self, group: Path) -> Iterator[None]:
@@ -66,6 +101,58 @@ class Freezer:
             yield
         finally:
             self._leave(tid, home)
+
+    def _make_group(self) -> Path:
+        group = self.root / str(next(self._names))
+        group.mkdir()
+        return group
+
+    def _spawn_loop(self) -> None:
+        tid = threading.get_native_id()
+        home = self._group_of_thread(tid)
+        left: tuple[Path, bool] | None = None  # the last exec's group; whether its fork failed
+        while True:
+            spare: Path | None = None
+            error: OSError | None = None
+            try:
+                spare = self._make_group()
+                try:
+                    (spare / "tasks").write_text(str(tid))
+                except OSError:
+                    spare.rmdir()
+                    raise
+            except OSError as exc:
+                spare, error = None, exc
+                if left is not None:
+                    self._leave(tid, home)
+            self._spare = spare
+            if left is not None:
+                self._leaving = None
+                self._left.set()
+                if left[1]:
+                    self.remove(left[0])
+                left = None
+            job = self._jobs.get()
+            if job is None:
+                return  # the thread leaves its group as it ends
+            if spare is None:
+                job.future.set_exception(error or OSError("no freezer group"))
+                continue
+            self._spare = None
+            self._leaving = spare
+            self._left.clear()
+            try:
+                job.future.set_result(job.fork(spare))
+            except BaseException as exc:  # for the caller to raise
+                job.future.set_exception(exc)
+                left = (spare, True)
+            else:
+                left = (spare, False)
+
+    def _vacate(self, group: Path) -> None:
+        """Wait until the spawner is out of ``group`` (at most the time of one move)."""
+        if group == self._leaving and not self._left.wait(_MOVE_TIMEOUT):
+            log.warning("the spawner thread is still in freezer group %s", group)
 
     def _leave(self, tid: int, home: Path) -> None:
         # Staying would freeze the server's thread with the exec: fall back to the root.
@@ -85,12 +172,32 @@ class Freezer:
         return self.mount
 
     def procs(self, group: Path) -> list[int]:
+        """The processes in ``group``; never the server, whose spawner may be there for a
+        moment after a fork."""
         try:
-            return [int(pid) for pid in (group / "cgroup.procs").read_text().split()]
+            pids = [int(pid) for pid in (group / "cgroup.procs").read_text().split()]
         except FileNotFoundError:
             return []
+        me = os.getpid()
+        return [pid for pid in pids if pid != me]
+
+    async def freeze(self, container_id: str, groups: Sequence[Path], within: float) -> None:
+        """Freeze ``groups`` and wait until they are (UNAVAILABLE after ``within`` s)."""
+        for group in groups:
+            self.set_state(group, "FROZEN")
+        deadline = time.monotonic() + within
+        while not all(self.state(group) in ("FROZEN", "") for group in groups):
+            if time.monotonic() > deadline:
+                raise ExecError(
+                    ErrorCode.UNAVAILABLE,
+                    f"the processes of container {container_id!r} did not freeze "
+                    f"within {within:.0f} s",
+                )
+            await asyncio.sleep(0.002)
 
     def set_state(self, group: Path, state: str) -> None:
+        if state == "FROZEN":
+            self._vacate(group)  # never freeze the spawner
         with contextlib.suppress(FileNotFoundError):
             (group / "freezer.state").write_text(state)
 
@@ -101,6 +208,7 @@ class Freezer:
             return ""
 
     def remove(self, group: Path) -> bool:
+        self._vacate(group)
         try:
             group.rmdir()
         except FileNotFoundError:
@@ -110,8 +218,21 @@ class Freezer:
         return True
 
     def close(self) -> None:
+        if self._spawner is not None:
+            self._jobs.put(None)
+            self._spawner.join(_MOVE_TIMEOUT)
+            self._spawner = None
+        if self._spare is not None:
+            self.remove(self._spare)
+            self._spare = None
         with contextlib.suppress(OSError):
             self.root.rmdir()
+
+
+@dataclass(frozen=True, slots=True)
+class _Job(Generic[T]):
+    fork: Callable[[Path], T]
+    future: concurrent.futures.Future[T]
 
 
 def remove_stale_groups(base: Path) -> None:

@@ -9,8 +9,10 @@ import contextlib
 import functools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from ._spawn import ENV_TAG
 
@@ -20,6 +22,7 @@ __all__ = [
     "ProcStat",
     "boot_seconds",
     "cgroup_mount",
+    "cpu_percent",
     "memory_limit",
     "read_io",
     "read_stat",
@@ -27,6 +30,8 @@ __all__ = [
     "read_tag",
     "scan_proc",
 ]
+
+K = TypeVar("K")
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -114,6 +119,32 @@ def read_io(pid: int) -> tuple[int, int]:
 
 def boot_seconds() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+#: A sample under this many seconds after the previous one shares its window (ticks are 10 ms).
+_MIN_CPU_WINDOW = 0.1
+
+
+def cpu_percent(
+    windows: dict[K, tuple[float, float]],
+    key: K,
+    ticks: float,
+    first_start_ticks: Callable[[], int],
+) -> float:
+    """CPU percent over the window since the previous sample of ``key`` (kept in
+    ``windows``), or since the earliest process started for a first sample."""
+    now = time.monotonic()
+    previous = windows.get(key)
+    if previous is None:
+        window, used = boot_seconds() - first_start_ticks() / CLK_TCK, ticks
+        windows[key] = (now, ticks)
+    else:
+        window, used = now - previous[0], ticks - previous[1]
+        if window >= _MIN_CPU_WINDOW:
+            windows[key] = (now, ticks)
+    if window <= 0:
+        return 0.0
+    return max(0.0, used / CLK_TCK / window * 100.0)
 
 
 @functools.cache

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -20,10 +22,18 @@ from pathlib import Path
 from ..._errors import ErrorCode, ExecError
 from .._base import ExecSpec, OutputSink, ResourceSample, in_scope, refused_spawn
 from ._exec import ProcessExec
-from ._finder import ProcessFinder
+from ._finder import ProcessFinder, reap_exited_mains
 from ._freezer import Freezer
-from ._procfs import CLK_TCK, PAGE_SIZE, ProcStat, boot_seconds, memory_limit, read_io, scan_proc
-from ._spawn import become_subreaper, check_id, has_zombie_child, send_signal, start_process
+from ._procfs import PAGE_SIZE, ProcStat, cpu_percent, memory_limit, read_io, scan_proc
+from ._spawn import (
+    DISCARD,
+    Spawned,
+    become_subreaper,
+    check_id,
+    forked_in_new_group,
+    send_signal,
+    start_process,
+)
 
 __all__ = ["ProcessRuntime"]
 
@@ -34,7 +44,6 @@ _KILL_TIMEOUT = 5.0
 # A process in disk sleep (state D) stops only once its I/O is done: seconds on a busy disk.
 _STOP_TIMEOUT = 10.0
 _SIGNAL_ROUNDS = 8
-_MIN_CPU_WINDOW = 0.1
 
 
 class ProcessRuntime:
@@ -65,8 +74,15 @@ class ProcessRuntime:
         self._token = f"{os.getpid()}.{secrets.token_hex(4)}"
         self._serial = itertools.count(1)
         self._execs: dict[tuple[str, str], ProcessExec] = {}
+        #: How many of ``_execs`` each container has: its directory exists while it has one.
+        self._exec_counts: dict[str, int] = {}
+        self._spawning: set[tuple[str, str]] = set()  # forking on the spawner thread
+        self._forking: set[int] = set()  # their pids, once forked (added on that thread)
         #: Released execs whose processes, zombies or cgroup are not gone yet.
         self._graveyard: set[ProcessExec] = set()
+        #: Execs whose main process was reaped, waiting for :meth:`note_exit` to look at them.
+        self._exits: list[ProcessExec] = []
+        self._noting = False
         self._paused: set[str] = set()
         self._cpu_windows: dict[tuple[str, str | None], tuple[float, float]] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -105,46 +121,63 @@ class ProcessRuntime:
             raise ExecError(ErrorCode.UNAVAILABLE, "the process runtime is closed")
         check_id("exec_id", exec_id)
         directory = self.container_dir(container_id)
-        if (container_id, exec_id) in self._execs:
+        key = (container_id, exec_id)
+        if key in self._execs or key in self._spawning:
             raise ExecError(
                 ErrorCode.ALREADY_EXISTS, f"exec {container_id}/{exec_id} already exists"
             )
-        if container_id in self._paused:
-            raise ExecError(ErrorCode.FAILED_PRECONDITION, f"container {container_id!r} is paused")
+        self._check_not_paused(container_id)
         self._set_up_once()
-        directory.mkdir(parents=True, exist_ok=True)
+        self._make_container_dir(container_id, directory)
+        tag = f"{self._token}.{next(self._serial)}"
+        start = functools.partial(
+            start_process, container_id, exec_id, spec, stdout, stderr, directory, tag=tag
+        )
+
+        def fork(group: Path | None) -> Spawned:
+            spawned = start(group)
+            self._forking.add(spawned.popen.pid)
+            return spawned
+
+        # Counted from now: releasing a sibling meanwhile must not remove the directory.
+        self._exec_counts[container_id] = self._exec_counts.get(container_id, 0) + 1
+        self._spawning.add(key)
         try:
-            spawned = start_process(
-                container_id,
-                exec_id,
-                spec,
-                stdout,
-                stderr,
-                directory,
-                tag=f"{self._token}.{next(self._serial)}",
-                freezer=self._freezer,
-            )
-            proc = ProcessExec(
-                self,
-                loop,
-                spawned,
-                container_id=container_id,
-                exec_id=exec_id,
-                spec=spec,
-                read_size=self.read_size,
-                drain_timeout=self.drain_timeout,
-            )
-        except (OSError, ValueError) as exc:
+            if self._freezer is None:
+                spawned = fork(None)
+            else:
+                abandon = functools.partial(self._abandon, container_id, exec_id, spec)
+                spawned = await forked_in_new_group(self._freezer, fork, abandon)
+                try:  # as if the spawn had come after a pause or close made meanwhile
+                    self._check_not_paused(container_id)
+                except ExecError:
+                    abandon(spawned)
+                    raise
+            proc = self._exec_of(spawned, container_id, exec_id, spec)
+            self._forking.discard(proc.pid)
+        except BaseException as exc:
+            self._uncount(container_id)
             if not self._has_execs(container_id):
                 shutil.rmtree(directory, ignore_errors=True)
-            raise refused_spawn(exc, spec.command[0]) from exc
-        except BaseException:
-            if not self._has_execs(container_id):
-                shutil.rmtree(directory, ignore_errors=True)
+            if isinstance(exc, (OSError, ValueError)):
+                raise refused_spawn(exc, spec.command[0]) from exc
             raise
-        self._execs[(container_id, exec_id)] = proc
+        finally:
+            self._spawning.discard(key)
+        self._execs[key] = proc
         self._ensure_sweeper(loop)
         return proc
+
+    def _check_not_paused(self, container_id: str) -> None:
+        if self._closed:
+            raise ExecError(ErrorCode.UNAVAILABLE, "the process runtime is closed")
+        if container_id in self._paused:
+            raise ExecError(ErrorCode.FAILED_PRECONDITION, f"container {container_id!r} is paused")
+
+    def _uncount(self, container_id: str) -> None:
+        self._exec_counts[container_id] -= 1
+        if not self._exec_counts[container_id]:
+            del self._exec_counts[container_id]
 
     def processes_of(self, container_id: str) -> list[int]:
         """Live pids of every process of the container (released stragglers included)."""
@@ -163,9 +196,10 @@ class ProcessRuntime:
         self._paused.add(container_id)
         try:
             if self._freezer is not None:
-                await self._freeze(container_id, execs)
+                groups = [proc.group for proc in execs if proc.group is not None]
+                await self._freezer.freeze(container_id, groups, _STOP_TIMEOUT)
             else:
-                await self._stop(container_id, execs)
+                await self._finder.stop(container_id, execs, _STOP_TIMEOUT)
         except BaseException:
             self._paused.discard(container_id)
             self._continue(execs)
@@ -224,7 +258,12 @@ class ProcessRuntime:
                     read += r
                     written += w
         return ResourceSample(
-            cpu_percent=self._cpu_percent((container_id, exec_id), ticks, execs),
+            cpu_percent=cpu_percent(
+                self._cpu_windows,
+                (container_id, exec_id),
+                ticks,
+                lambda: min(proc.start_ticks for proc in execs),
+            ),
             memory_bytes=rss,
             memory_limit=memory_limit(min(live)) if live else 0,
             io_read_bytes=read,
@@ -261,8 +300,36 @@ class ProcessRuntime:
                 raise RuntimeError(f"the cgroup v1 freezer is not usable: {exc}") from exc
             log.info("cgroup v1 freezer not usable (%s): pausing with SIGSTOP/SIGCONT", exc)
 
+    def _abandon(self, container_id: str, exec_id: str, spec: ExecSpec, spawned: Spawned) -> None:
+        """A process forked for a spawn that failed or was cancelled since: released."""
+        outputs = [(fd, DISCARD, name) for fd, _, name in spawned.outputs]
+        spawned = dataclasses.replace(spawned, outputs=outputs)
+        self.release_exec(self._exec_of(spawned, container_id, exec_id, spec))
+        self._forking.discard(spawned.popen.pid)
+        self._ensure_sweeper(asyncio.get_running_loop())
+
+    def _exec_of(
+        self, spawned: Spawned, container_id: str, exec_id: str, spec: ExecSpec
+    ) -> ProcessExec:
+        return ProcessExec(
+            self,
+            asyncio.get_running_loop(),
+            spawned,
+            container_id=container_id,
+            exec_id=exec_id,
+            spec=spec,
+            read_size=self.read_size,
+            drain_timeout=self.drain_timeout,
+        )
+
+    def _make_container_dir(self, container_id: str, directory: Path) -> None:
+        # A stat where a mkdir would fail (EEXIST) and then stat anyway; an exec may have
+        # removed its own HOME, so it is made again.
+        if not self._has_execs(container_id) or not os.path.isdir(directory):
+            directory.mkdir(parents=True, exist_ok=True)
+
     def _has_execs(self, container_id: str) -> bool:
-        return any(c == container_id for c, _ in self._execs)
+        return container_id in self._exec_counts
 
     def _all_execs(self) -> list[ProcessExec]:
         return [*self._execs.values(), *self._graveyard]
@@ -272,18 +339,30 @@ class ProcessRuntime:
 
     def note_exit(self, proc: ProcessExec) -> None:
         """:class:`ExecOwner`: the main process of ``proc`` was reaped."""
-        # Record the main process's descendants now, while they are alive and findable:
-        # re-parented and dead, an escaped one could no longer be told apart.
-        if self._nothing_left(proc) and not has_zombie_child():
-            # Nothing of the exec is alive or unreaped: skip the scan (a cost per exit).
-            proc.session_active = False
-            return
+        self._exits.append(proc)
+        if self._noting:
+            return  # reaped by the call below (reap_if_exited): that call notes it too
+        self._noting = True
         try:
-            stats = scan_proc()
-            self._finder.members(stats, [proc])
-            self._finder.reap_orphans(stats, self._all_execs())
+            unknown_zombie = reap_exited_mains(self._all_execs(), self._forking)
+            exits, self._exits = self._exits, []
+            # Record the main process's descendants now, while they are alive and findable:
+            # re-parented and dead, an escaped one could no longer be told apart.
+            left = exits if unknown_zombie else [p for p in exits if not self._nothing_left(p)]
+            for done in exits:
+                if done not in left and unknown_zombie is False:
+                    # Nothing of the exec is alive or unreaped: no scan (a cost per exit).
+                    # (Undecided: its session is matched until the next sweep sees it empty.)
+                    done.session_active = False
+                    done.ended = True
+            if left:
+                stats = scan_proc()
+                self._finder.members(stats, left)
+                self._finder.reap_orphans(stats, self._all_execs())
         except OSError:
             log.exception("scanning the processes of %s failed", proc.label)
+        finally:
+            self._noting = False
 
     def _nothing_left(self, proc: ProcessExec) -> bool:
         """Whether the freezer alone shows that no process of ``proc`` is alive: its main
@@ -291,7 +370,7 @@ class ProcessRuntime:
         the group.  Answering that costs one read, where a /proc scan costs ~15 us per
         process of the machine, on the event loop."""
         freezer, group = self._freezer, proc.group
-        return (
+        return proc.ended or (
             freezer is not None
             and group is not None
             and proc.exit_code is not None
@@ -337,6 +416,7 @@ class ProcessRuntime:
         key = (proc.container_id, proc.exec_id)
         if self._execs.get(key) is proc:
             del self._execs[key]
+            self._uncount(proc.container_id)
         self._cpu_windows.pop(key, None)
         try:
             self._kill_now(proc)
@@ -371,7 +451,8 @@ class ProcessRuntime:
         found = self._finder.members(stats, execs)
         for proc in list(self._graveyard):
             pids = found[proc]
-            self._sigkill(proc, [pid for pid in pids if stats[pid].alive])
+            if live := [pid for pid in pids if stats[pid].alive]:
+                self._sigkill(proc, live)  # no freeze and thaw (two writes) for nothing
             if proc.exit_code is None or pids:
                 continue
             if proc.group is not None and self._freezer is not None:
@@ -380,46 +461,6 @@ class ProcessRuntime:
                 proc.group = None
             self._graveyard.discard(proc)
         self._finder.reap_orphans(stats, self._all_execs())
-
-    async def _freeze(self, container_id: str, execs: Sequence[ProcessExec]) -> None:
-        assert self._freezer is not None
-        freezer = self._freezer
-        groups = [proc.group for proc in execs if proc.group is not None]
-        for group in groups:
-            freezer.set_state(group, "FROZEN")
-        deadline = time.monotonic() + _STOP_TIMEOUT
-        while not all(freezer.state(group) in ("FROZEN", "") for group in groups):
-            if time.monotonic() > deadline:
-                raise ExecError(
-                    ErrorCode.UNAVAILABLE,
-                    f"the processes of container {container_id!r} did not freeze "
-                    f"within {_STOP_TIMEOUT:.0f} s",
-                )
-            await asyncio.sleep(0.002)
-
-    async def _stop(self, container_id: str, execs: Sequence[ProcessExec]) -> None:
-        deadline = time.monotonic() + _STOP_TIMEOUT
-        while True:
-            stats = scan_proc()
-            found = self._finder.members(stats, execs)
-            running = [
-                pid
-                for pids in found.values()
-                for pid in pids
-                if stats[pid].alive and stats[pid].state not in ("T", "t")
-            ]
-            if not running:
-                return
-            if time.monotonic() > deadline:
-                states = ", ".join(f"{pid} in state {stats[pid].state}" for pid in running)
-                raise ExecError(
-                    ErrorCode.UNAVAILABLE,
-                    f"processes of container {container_id!r} did not stop within "
-                    f"{_STOP_TIMEOUT:.0f} s: {states}",
-                )
-            for pid in running:
-                send_signal(pid, signal.SIGSTOP)
-            await asyncio.sleep(0.002)
 
     def _continue(self, execs: Sequence[ProcessExec]) -> None:
         if self._freezer is not None:
@@ -432,23 +473,6 @@ class ProcessRuntime:
             for pid in pids:
                 if stats[pid].alive:
                     send_signal(pid, signal.SIGCONT)
-
-    def _cpu_percent(
-        self, key: tuple[str, str | None], ticks: float, execs: Sequence[ProcessExec]
-    ) -> float:
-        now = time.monotonic()
-        previous = self._cpu_windows.get(key)
-        if previous is None:
-            start = min(proc.start_ticks for proc in execs) / CLK_TCK
-            window, used = boot_seconds() - start, ticks
-            self._cpu_windows[key] = (now, ticks)
-        else:
-            window, used = now - previous[0], ticks - previous[1]
-            if window >= _MIN_CPU_WINDOW:
-                self._cpu_windows[key] = (now, ticks)
-        if window <= 0:
-            return 0.0
-        return max(0.0, used / CLK_TCK / window * 100.0)
 
     async def _close(self) -> None:
         self._closed = True

@@ -5,18 +5,21 @@ See the package docstring ("Spawning").
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
+import errno
 import fcntl
 import functools
 import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import termios
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BASE_PATH",
     "CTTY_TRAMPOLINE",
+    "DISCARD",
     "ENV_CONTAINER",
     "ENV_EXEC",
     "ENV_TAG",
@@ -42,7 +46,8 @@ __all__ = [
     "clean_signals_prefix",
     "ctty_prefix",
     "exit_code_of",
-    "has_zombie_child",
+    "first_zombie_child",
+    "forked_in_new_group",
     "send_signal",
     "start_process",
 ]
@@ -92,19 +97,40 @@ RESTORED_BY_POPEN = frozenset(
 )
 
 
+_RESTORED_MASK = sum(1 << (signum - 1) for signum in RESTORED_BY_POPEN)
+
+
 def clean_signals_prefix() -> tuple[str, ...]:
     """The argv prefix that gives the exec default dispositions for every signal and an
     empty signal mask (PROTOCOL 10.4), or ``()`` when this thread and process already give it
     that: the server may have been started under ``nohup`` or with signals blocked."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, ())
-    ignored = [
-        signum
-        for signum in signal.valid_signals()
-        if signum not in RESTORED_BY_POPEN and signal.getsignal(signum) == signal.SIG_IGN
-    ]
-    if not blocked and not ignored:
-        return ()
-    return (sys.executable, "-I", "-S", "-c", CLEAN_SIGNALS_TRAMPOLINE)
+    if signals_to_clean():
+        return (sys.executable, "-I", "-S", "-c", CLEAN_SIGNALS_TRAMPOLINE)
+    return ()
+
+
+def signals_to_clean() -> bool:
+    """Whether this thread blocks a signal, or the process ignores one Popen does not
+    restore.  Asked of the kernel in one read of this thread's status, where the ``signal``
+    module costs a call per signal (a quarter of a millisecond per exec)."""
+    try:
+        with open("/proc/thread-self/status", "rb", buffering=0) as f:
+            status = f.read()
+        blocked = int(_status_field(status, b"SigBlk:"), 16)
+        ignored = int(_status_field(status, b"SigIgn:"), 16)
+    except (OSError, ValueError):
+        if signal.pthread_sigmask(signal.SIG_BLOCK, ()):
+            return True
+        return any(
+            signum not in RESTORED_BY_POPEN and signal.getsignal(signum) == signal.SIG_IGN
+            for signum in signal.valid_signals()
+        )
+    return bool(blocked or ignored & ~_RESTORED_MASK)
+
+
+def _status_field(status: bytes, name: bytes) -> bytes:
+    start = status.index(name) + len(name)
+    return status[start : status.index(b"\n", start)].strip()
 
 
 @contextlib.contextmanager
@@ -163,10 +189,19 @@ def resolve_working_dir(container_dir: Path, working_dir: str) -> Path:
     return path
 
 
-def why_not_executable(path: Path) -> str | None:
-    if not path.exists():
-        return "does not exist"
-    if path.is_dir():
+# What Path.exists() takes for "does not exist"; any other error is raised.
+_MISSING = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP})
+
+
+def why_not_executable(path: str | os.PathLike[str]) -> str | None:
+    # One stat (plain strings, no Path objects): this runs for each PATH entry of each exec.
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno in _MISSING:
+            return "does not exist"
+        raise
+    if stat.S_ISDIR(mode):
         return "is a directory"
     if not os.access(path, os.X_OK):
         return "is not executable"
@@ -176,12 +211,12 @@ def why_not_executable(path: Path) -> str | None:
 def check_command(name: str, search_path: str, cwd: Path) -> None:
     """PROTOCOL 3.2: a command that cannot be executed is INVALID_ARGUMENT, before it runs."""
     if "/" in name:
-        if (why := why_not_executable(cwd / name)) is not None:
+        if (why := why_not_executable(os.path.join(cwd, name))) is not None:
             raise ExecError(ErrorCode.INVALID_ARGUMENT, f"command {name!r} {why}")
         return
     refused = None
     for directory in search_path.split(os.pathsep):
-        candidate = cwd / (directory or ".") / name
+        candidate = os.path.join(cwd, directory or ".", name)
         why = why_not_executable(candidate)
         if why is None:
             return
@@ -201,12 +236,13 @@ def send_signal(pid: int, signum: int) -> None:
         os.kill(pid, signum)
 
 
-def has_zombie_child() -> bool:
-    """Whether any child of the server is waitable; WNOWAIT leaves it unreaped."""
+def first_zombie_child() -> int | None:
+    """The pid of a child of the server that is waitable, if any; WNOWAIT leaves it unreaped."""
     try:
-        return os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
     except ChildProcessError:
-        return False
+        return None
+    return found.si_pid if found is not None else None
 
 
 def exit_code_of(status: int) -> int:
@@ -230,6 +266,33 @@ class Spawned:
     stdio: Sequence[str]
 
 
+class _Discard:
+    def write(self, data: bytes) -> None:
+        pass
+
+
+#: A sink for the output nobody will read (a spawn abandoned by its caller).
+DISCARD: OutputSink = _Discard()
+
+
+async def forked_in_new_group(
+    freezer: Freezer, fork: Callable[[Path], Spawned], abandon: Callable[[Spawned], None]
+) -> Spawned:
+    """``fork(group)`` run by the freezer's spawner thread, inside a new group.  Should the
+    caller be cancelled meanwhile, the fork is still waited for (milliseconds) and what it
+    started handed to ``abandon``: a process outlives no spawn."""
+    forked = asyncio.wrap_future(freezer.fork_in_new_group(fork))
+    try:
+        return await asyncio.shield(forked)
+    except asyncio.CancelledError:
+        while not forked.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(forked)
+        if not forked.cancelled() and forked.exception() is None:
+            abandon(forked.result())
+        raise
+
+
 def start_process(
     container_id: str,
     exec_id: str,
@@ -237,12 +300,12 @@ def start_process(
     stdout: OutputSink,
     stderr: OutputSink,
     directory: Path,
+    group: Path | None,
     *,
     tag: str,
-    freezer: Freezer | None,
 ) -> Spawned:
-    """Check ``spec`` (PROTOCOL 3.2) and start it in ``directory``, in the freezer group
-    of its own when there is a freezer."""
+    """Check ``spec`` (PROTOCOL 3.2) and start it in ``directory``.  ``group`` is the freezer
+    group the calling thread is in (where the process is born), if any."""
     cwd = resolve_working_dir(directory, spec.working_dir)
     env = {"PATH": BASE_PATH, "HOME": str(directory)}
     if spec.tty:
@@ -254,7 +317,6 @@ def start_process(
     argv = [*clean_signals, *spec.command]
     parent_fds: list[int] = []
     child_fds: list[int] = []
-    group: Path | None = None
     try:
         master: int | None = None
         outputs: list[tuple[int, OutputSink, str]]
@@ -283,10 +345,7 @@ def start_process(
             links = [f"pipe:[{os.fstat(fd).st_ino}]" for fd in stdio]
             stdin_fd = in_w
             outputs = [(out_r, stdout, "stdout"), (err_r, stderr, "stderr")]
-        if freezer is not None:
-            group = freezer.new_group()
-        birth = freezer.born_in(group) if freezer and group else None
-        with birth or contextlib.nullcontext(), blocked_for_child(bool(clean_signals)):
+        with blocked_for_child(bool(clean_signals)):
             try:
                 popen = subprocess.Popen(
                     argv,
@@ -307,8 +366,6 @@ def start_process(
     except BaseException:
         for fd in parent_fds:
             os.close(fd)
-        if group is not None and freezer is not None:
-            freezer.remove(group)
         raise
     finally:
         for fd in child_fds:
