@@ -85,6 +85,33 @@ async def stdin_after_eof(ctx: CaseContext) -> None:
 
 
 @case(
+    "7.5",
+    "close-stdin-at-start",
+    "a start with close_stdin gives the process EOF at once, and refuses stdin after it",
+    row="Session: non-empty `stdin` after EOF was sent",
+    status="FAILED_PRECONDITION",
+    needs=("create",),
+)
+async def close_stdin_at_start(ctx: CaseContext) -> None:
+    c = ctx.container_id()
+    # A creator that leaves right after Ready: the EOF is part of the start, so nothing
+    # the server had not read yet can be lost with the session.
+    left = ctx.exec_id("gone")
+    gone = await ctx.create(c, left, ["cat"], close_stdin=True)
+    await gone.until_ready()
+    gone.cancel()
+    after = await (await ctx.attach(c, left, label="after")).finished()
+    expect_flow(after)
+    expect_equal(after.exit_code, 0, "exit code of cat, stdin closed at start, creator gone")
+    client = await ctx.create(
+        c, ctx.exec_id(), w.sh("cat; echo eof-seen; sleep 30"), close_stdin=True
+    )
+    await client.until_output(b"eof-seen\n")
+    await client.stdin(b"more\n")
+    await expect_rejected(ctx, client, FAILED_PRECONDITION, "stdin after close_stdin")
+
+
+@case(
     "7.1",
     "tty-eof-character",
     "an empty stdin on a TTY exec sends the terminal's EOF character",

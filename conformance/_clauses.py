@@ -80,6 +80,7 @@ CLAUSES: dict[str, Clause] = {
         Clause("7.2", "Stdin size", _M),
         Clause("7.3", "TTY and resize", _M),
         Clause("7.4", "The receive limit fits the stdin limit", _M),
+        Clause("7.5", "Stdin closed from the start", _M),
         Clause("8.1", "Event types", _M),
         Clause("8.2", "Order and numbering", _M),
         Clause("8.3", "Filter", _M),

@@ -587,13 +587,13 @@ async def _run(args: argparse.Namespace) -> int:
             working_dir=args.workdir,
             tty=args.tty,
             terminal_size=_local_size() if args.tty else None,  # PROTOCOL 7.3: from the start
+            # As docker -d: stdin is empty.  Closed by the start itself (PROTOCOL 7.5): an
+            # EOF sent after it could be dropped with the session this command leaves at once.
+            close_stdin=args.detach and not args.tty,
         )
         args.started = (container, exec_id, args.tty)
         async with session:
             if args.detach:
-                if not args.tty:
-                    with contextlib.suppress(Unavailable):
-                        await session.close_stdin()  # as docker -d: stdin is empty
                 print(exec_id, flush=True)
                 return 0
             return await _follow(

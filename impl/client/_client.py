@@ -95,6 +95,7 @@ class AsyncExecClient:
         working_dir: str = "",
         tty: bool = False,
         terminal_size: tuple[int, int] | None = None,
+        close_stdin: bool = False,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> Exec:
         """Create the exec and run ``command`` (an argv list, no shell) in the container.
@@ -103,6 +104,9 @@ class AsyncExecClient:
         ``InvalidArgument``...) is raised here.  The first session is not resumed: whether
         a create that broke in flight happened cannot be known.  A TTY starts at
         ``terminal_size`` (columns, rows), 80x24 if not given (PROTOCOL 7.3).
+        ``close_stdin``: the exec starts with its stdin closed, for a caller that sends no
+        input and may leave at once (an EOF sent later is lost if the session ends before
+        the server read it; PROTOCOL 7.5).
         """
         if isinstance(command, str) or not command:
             raise ValueError("command must be a non-empty list of arguments, e.g. ['ls', '-l']")
@@ -119,6 +123,7 @@ class AsyncExecClient:
                 else None
             ),
             client_id=self._conn.client_id,
+            close_stdin=close_stdin,
         )
         return await self._session(container_id, exec_id, start, 0, timeout)
 

@@ -132,6 +132,7 @@ class ExecClient:
         working_dir: str = "",
         tty: bool = False,
         terminal_size: tuple[int, int] | None = None,
+        close_stdin: bool = False,
         timeout: float | None = None,
     ) -> SyncExec:
         """See :meth:`AsyncExecClient.run`."""
@@ -144,6 +145,7 @@ class ExecClient:
                 working_dir=working_dir,
                 tty=tty,
                 terminal_size=terminal_size,
+                close_stdin=close_stdin,
                 timeout=timeout,
             )
         )

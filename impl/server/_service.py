@@ -157,6 +157,7 @@ def client_event(request: wire.SessionRequest) -> _session.ClientEvent:
             terminal_size=(size.width, size.height) if size is not None else None,
             session_id=value.session_id,
             replay_from_sequence=value.replay_from_sequence,
+            close_stdin=value.close_stdin,
         )
     if field == "stdin" and isinstance(value, bytes):
         return _session.Stdin(data=value)
@@ -276,7 +277,7 @@ class ExecService:
                     first = _session.HalfClose()
                 action = flow.receive(first)
                 if isinstance(action, _session.CreateExec):
-                    flow.created(await self._create(action.start))
+                    await _perform(flow.created(await self._create(action.start)))
                 async for response in self._stream(flow, wake, requests):
                     yield response
             finally:

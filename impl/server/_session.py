@@ -144,6 +144,7 @@ class Start:
     terminal_size: tuple[int, int] | None = None
     session_id: str = ""
     replay_from_sequence: int = 0
+    close_stdin: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -289,6 +290,7 @@ class SessionFlow:
         self._boundary = 0  # N of PROTOCOL 6.3
         self._gap = 0  # evicted chunks not yet reported (PROTOCOL 6.4)
         self._closed = False
+        self._close_stdin = False  # PROTOCOL 7.5: asked by the start that creates
 
     # -- where it stands ----------------------------------------------------------------------
 
@@ -402,12 +404,15 @@ class SessionFlow:
                 ErrorCode.ALREADY_EXISTS,
                 f"exec {start.exec_id!r} already exists in container {start.container_id!r}",
             )
+        self._close_stdin = start.close_stdin
         return CreateExec(start)
 
-    def created(self, record: ExecRecord) -> None:
-        """The glue spawned the exec :class:`CreateExec` asked for: attach to it from 1."""
+    def created(self, record: ExecRecord) -> Action | None:
+        """The glue spawned the exec :class:`CreateExec` asked for: attach to it from 1,
+        and close its stdin at once if ``start`` asked for that (PROTOCOL 7.5)."""
         try:
             self._open(record, 0)
+            return self._stdin(b"") if self._close_stdin else None
         except ExecError as error:
             self.fail(error)
             raise

@@ -163,7 +163,7 @@ class Engine:
             pumps = asyncio.gather(
                 pump(process.stdout, handle.stdout), pump(process.stderr, stderr)
             )
-        code = await process.wait()
+        code = await _exited(process)
         if "exit-before-output" not in self.faults:
             # Descendants may keep the output open: stop waiting after 2 s (5.3).
             with contextlib.suppress(TimeoutError):
@@ -199,6 +199,15 @@ class Engine:
                 os.killpg(group, signal.SIGKILL)
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=5)
+
+
+async def _exited(process: asyncio.subprocess.Process) -> int:
+    """The exit status as soon as the process has ended.  Not ``process.wait()``: on Python
+    3.11 that returns only once the pipes are closed too, when the process had not exited
+    yet as it was called, and a descendant can hold them open (5.3)."""
+    while process.returncode is None:  # noqa: ASYNC110 (3.11 has no event for the exit alone)
+        await asyncio.sleep(0.01)
+    return process.returncode
 
 
 async def _pump_terminal(master: int, writer: Any) -> None:

@@ -22,7 +22,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conformance_harness import REFERENCE_DEVIATIONS, TOKEN, MangleProxy, proxied
+from conformance_harness import (
+    MAX_EXECS_PER_CONTAINER,
+    REFERENCE_DEVIATIONS,
+    TOKEN,
+    MangleProxy,
+    proxied,
+)
 
 from execstream._cli import main
 from execstream.conformance import CASES, Level
@@ -300,6 +306,7 @@ async def test_tls_target_with_a_ca(tmp_path: Path) -> None:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "execstream", "conformance",
             "--target", f"localhost:{port}", "--tls", "--ca", str(cert), "--token", TOKEN,
+            "--max-execs-per-container", str(MAX_EXECS_PER_CONTAINER),
             "--case", "session/5.1", "auth/12.1/missing-token",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip

@@ -395,6 +395,34 @@ def test_stdin_is_written_then_eof_closes_it_and_later_stdin_is_refused(
     assert other.state is SessionState.FAILED
 
 
+@pytest.mark.parametrize("close_stdin", [False, True])
+def test_a_start_with_close_stdin_closes_it_once_created(
+    registry: Registry, close_stdin: bool
+) -> None:
+    """PROTOCOL 7.5: the EOF comes with the start, not in a message that could be lost."""
+    flow = new_flow(registry)
+    start = Start(container_id=C, exec_id=E, command=["cat"], close_stdin=close_stdin)
+    assert isinstance(flow.receive(start), CreateExec)
+    record = running(registry)
+    action = flow.created(record)
+    if not close_stdin:
+        assert action is None and not record.stdin_closed
+        return
+    assert isinstance(action, CloseStdin) and action.controls is record.controls
+    assert record.stdin_closed
+    with pytest.raises(ExecError) as refused:
+        flow.receive(Stdin(data=b"more"))
+    assert refused.value.code is ErrorCode.FAILED_PRECONDITION
+
+
+def test_close_stdin_on_an_attach_is_ignored(registry: Registry) -> None:
+    """PROTOCOL 7.5, 3.2: only a start that creates closes stdin."""
+    record = running(registry)
+    flow = new_flow(registry)
+    assert flow.receive(Start(container_id=C, exec_id=E, close_stdin=True)) is None
+    assert not record.stdin_closed
+
+
 def test_stdin_over_the_limit_is_invalid_argument(registry: Registry) -> None:
     """PROTOCOL 7.2: the limit is the registry's (1 KiB here)."""
     running(registry)

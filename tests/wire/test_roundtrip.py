@@ -222,6 +222,7 @@ starts = _message(
         "replay_from_sequence": UINT64,
         "client_id": TEXT,
         "terminal_size": optional(resizes),
+        "close_stdin": st.booleans(),
     },
 )
 readies = _message(

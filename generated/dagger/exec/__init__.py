@@ -425,5 +425,11 @@ class Start(betterproto2.Message):
     Start, applied before the process starts; unset means 80x24 [7.3].
     """
 
+    close_stdin: "bool" = betterproto2.field(11, betterproto2.TYPE_BOOL)
+    """
+    Added by execstream: the exec's stdin is closed (EOF) as it starts, as if this
+    client's first stdin were empty; for a client that sends no input [7.5].
+    """
+
 
 default_message_pool.register_message("dagger.exec", "Start", Start)
