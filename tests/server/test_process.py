@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -1071,3 +1072,18 @@ async def test_killing_or_removing_an_exited_exec_scans_no_processes(
         await eventually(lambda: not exists(sleeper), "the released exec's sleep to be gone")
     finally:
         await closed_and_clean(rt)
+
+
+def test_a_freeze_that_times_out_says_who_held_it_out() -> None:
+    """The UNAVAILABLE message of a pause names the tasks not frozen and their state."""
+    me = _freezer._describe_task(threading.get_native_id())
+    assert me.startswith(f"{threading.get_native_id()} a thread of the server, ")
+    assert " state=R" in me  # this thread, running as it reads its own state
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        shown = _freezer._describe_task(child.pid)
+        assert shown.startswith(f"{child.pid} sleep state=") and "server" not in shown
+    finally:
+        child.kill()
+        child.wait()
+    assert _freezer._describe_task(child.pid) == f"{child.pid} (gone)"

@@ -191,9 +191,25 @@ class Freezer:
                 raise ExecError(
                     ErrorCode.UNAVAILABLE,
                     f"the processes of container {container_id!r} did not freeze "
-                    f"within {within:.0f} s",
+                    f"within {within:.0f} s ({self._holding_out(groups)})",
                 )
             await asyncio.sleep(0.002)
+
+    def _holding_out(self, groups: Sequence[Path]) -> str:
+        """Who keeps the groups from freezing, for the operator: the processes and threads
+        not frozen yet, with their state and what they wait in (a process in disk sleep, D,
+        cannot freeze until its I/O is done)."""
+        seen: list[str] = []
+        for group in groups:
+            if self.state(group) in ("FROZEN", ""):
+                continue
+            try:
+                tids = [int(tid) for tid in (group / "tasks").read_text().split()]
+            except OSError:
+                continue
+            for tid in tids:
+                seen.append(_describe_task(tid))
+        return "; ".join(seen[:8]) or "no task found"
 
     def set_state(self, group: Path, state: str) -> None:
         if state == "FROZEN":
@@ -233,6 +249,28 @@ class Freezer:
 class _Job(Generic[T]):
     fork: Callable[[Path], T]
     future: concurrent.futures.Future[T]
+
+
+def _describe_task(tid: int) -> str:
+    """``TID NAME state=S in WCHAN`` from /proc; a thread of the server says so."""
+    base = f"/proc/{os.getpid()}/task/{tid}" if tid != os.getpid() else f"/proc/{tid}"
+    mine = os.path.exists(base)
+    path = base if mine else f"/proc/{tid}"
+    try:
+        with open(f"{path}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        state = stat[stat.rindex(")") + 2]
+    except (OSError, ValueError, IndexError):
+        return f"{tid} (gone)"
+    try:
+        with open(f"{path}/wchan", "rb") as f:
+            wchan = f.read().decode(errors="replace").strip()
+    except OSError:
+        wchan = ""
+    owner = "a thread of the server, " if mine else ""
+    waits = f" in {wchan}" if wchan not in ("", "0") else ""  # "0": hidden by the kernel
+    return f"{tid} {owner}{name} state={state}{waits}"
 
 
 def remove_stale_groups(base: Path) -> None:
