@@ -783,7 +783,9 @@ async def test_exits_with_nothing_left_need_no_scan(
         runs = [await start(rt, ["true"]) for _ in range(16)]
         assert await asyncio.gather(*(run.wait() for run in runs)) == [0] * 16
         assert scans_in_note_exit == 0
-        assert all(run.proc.ended for run in runs)  # later scans pass them by
+        # Later scans pass them by.  Not all: an exit seen while the next exec was being
+        # forked stays undecided (its zombie could be that exec's), and costs no scan either.
+        assert any(run.proc.ended for run in runs)
         zombie = await start(rt, ["sh", "-c", "true & echo $!; exec sleep 0.3"])
         assert await zombie.wait() == 0
         (pid,) = zombie.pids()

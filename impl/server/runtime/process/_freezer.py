@@ -31,6 +31,8 @@ log = logging.getLogger("execstream.server.process")
 T = TypeVar("T")
 #: How long a move of the spawner into a group may take, at most (a grace period or two).
 _MOVE_TIMEOUT = 10.0
+#: How long a group may stay FREEZING before it is thawed and frozen again.
+_REFREEZE_AFTER = 0.2
 
 
 class Freezer:
@@ -186,13 +188,26 @@ class Freezer:
         for group in groups:
             self.set_state(group, "FROZEN")
         deadline = time.monotonic() + within
-        while not all(self.state(group) in ("FROZEN", "") for group in groups):
-            if time.monotonic() > deadline:
+        refreeze = time.monotonic() + _REFREEZE_AFTER
+        while stuck := [group for group in groups if self.state(group) not in ("FROZEN", "")]:
+            now = time.monotonic()
+            if now > deadline:
                 raise ExecError(
                     ErrorCode.UNAVAILABLE,
                     f"the processes of container {container_id!r} did not freeze "
-                    f"within {within:.0f} s ({self._holding_out(groups)})",
+                    f"within {within:.0f} s ({self._holding_out(stuck)})",
                 )
+            if now >= refreeze:
+                # A shell waiting in vfork for a child the freezer stopped before its exec
+                # can never freeze (seen: "sh state=D in kernel_clone" beside its child "in
+                # __refrigerator"): thaw, so that the child gets to its exec, and freeze
+                # again, as runc does.
+                for group in stuck:
+                    self.set_state(group, "THAWED")
+                await asyncio.sleep(0.01)
+                for group in stuck:
+                    self.set_state(group, "FROZEN")
+                refreeze = time.monotonic() + _REFREEZE_AFTER
             await asyncio.sleep(0.002)
 
     def _holding_out(self, groups: Sequence[Path]) -> str:
