@@ -435,7 +435,14 @@ async def latency_ms(
         if bulk:
             command = [sys.executable, WORKLOAD, "paced", str(params.bulk_rate), str(stop)]
             bulk_call = await open_session(client.stub(), _start(container, _exec_id(), command))
-            bulk_task = asyncio.create_task(drain(bulk_call))
+            flowing = asyncio.Event()
+            bulk_task = asyncio.create_task(drain(bulk_call, on_chunk=lambda *_: flowing.set()))
+            # The latency is measured under the load, not while its process starts (a Python
+            # process: tens of milliseconds on a busy machine, longer than a short run).
+            try:
+                await asyncio.wait_for(flowing.wait(), 60)
+            except TimeoutError:
+                raise BenchError("the bulk load sent nothing in 60 s") from None
         try:
             command = [sys.executable, WORKLOAD, "ticks", str(params.latency_samples)]
             command.append(str(params.latency_period))
