@@ -26,6 +26,9 @@ __all__ = ["ProcessFinder", "end_leftovers", "reap_exited_mains"]
 
 #: Rounds of killing a dead runtime's processes: they may fork while being killed.
 _KILL_ROUNDS = 8
+#: How long a pause by signals waits on a process in disk sleep before it lets the stopped
+#: ones go on for a moment and stops them again.
+_RESTOP_AFTER = 0.2
 
 
 def end_leftovers(token: str) -> int:
@@ -145,24 +148,30 @@ class ProcessFinder:
         """SIGSTOP every process of ``execs`` until none runs (UNAVAILABLE after ``within``
         s); a stopped process cannot fork, so this ends."""
         deadline = time.monotonic() + within
+        restart = time.monotonic() + _RESTOP_AFTER
         while True:
             stats = scan_proc()
             found = self.members(stats, execs)
-            running = [
-                pid
-                for pids in found.values()
-                for pid in pids
-                if stats[pid].alive and stats[pid].state not in ("T", "t")
-            ]
+            alive = [pid for pids in found.values() for pid in pids if stats[pid].alive]
+            running = [pid for pid in alive if stats[pid].state not in ("T", "t")]
             if not running:
                 return
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 states = ", ".join(f"{pid} in state {stats[pid].state}" for pid in running)
                 raise ExecError(
                     ErrorCode.UNAVAILABLE,
                     f"processes of container {container_id!r} did not stop within "
                     f"{within:.0f} s: {states}",
                 )
+            if now >= restart and any(stats[pid].state == "D" for pid in running):
+                # A shell waiting in vfork (state D) for a child stopped before its exec
+                # would wait forever: let the stopped ones go on for a moment, then stop
+                # them all again (the freezer's refreeze, by signals).
+                for pid in alive:
+                    send_signal(pid, signal.SIGCONT)
+                await asyncio.sleep(0.01)
+                restart = time.monotonic() + _RESTOP_AFTER
             for pid in running:
                 send_signal(pid, signal.SIGSTOP)
             await asyncio.sleep(0.002)
