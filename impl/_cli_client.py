@@ -594,6 +594,11 @@ async def _run(args: argparse.Namespace) -> int:
         args.started = (container, exec_id, args.tty)
         async with session:
             if args.detach:
+                if not args.tty:
+                    # For a server without 7.5 (it ignores close_stdin): the EOF as a message
+                    # too, which may be lost as before; a second EOF changes nothing (7.1).
+                    with contextlib.suppress(Unavailable):
+                        await session.close_stdin()
                 print(exec_id, flush=True)
                 return 0
             return await _follow(
