@@ -36,9 +36,10 @@ from execstream import wire
 
 from . import _session
 from ._errors import ErrorCode, ExecError
-from ._log import MAX_CHUNK, Cursor
+from ._lifecycle import LifecycleFlow, Sent
+from ._log import MAX_CHUNK
 from ._metrics import ServerMetrics
-from ._registry import EventSubscription, ExecRecord, LifecycleRecord, Registry, validate_id
+from ._registry import ExecRecord, Registry, validate_id
 from ._runner import ExecRunner
 from ._session import SessionFlow
 from ._state import ExecState
@@ -355,71 +356,28 @@ class ExecService:
         async with _Boundary("ContainerLifecycle", context, self.metrics):
             self._admit(context)
             wake = asyncio.Event()
-            cursor, last, subscription = self._subscribe(request, wake)
+            flow = LifecycleFlow(
+                self.registry,
+                request.container_id,
+                request.exec_id,
+                request.replay_from_sequence,
+                wake.set,
+            )
+            self._wakes.add(wake)
             try:
-                async for event in self._follow(cursor, last, subscription, wake, context):
-                    yield event
+                last = str(flow.last_sequence)
+                await context.send_initial_metadata((("execstream-last-sequence", last),))
+                while True:
+                    self._check_live()
+                    wake.clear()
+                    sent = flow.next_events()
+                    for event in sent:
+                        yield _event_message(event)
+                    if not sent and flow.waiting and not self._closing:
+                        await wake.wait()
             finally:
-                self.registry.events.unsubscribe(subscription)
-                self.registry.unsubscribe()
-
-    def _subscribe(
-        self, request: wire.ContainerLifecycleRequest, wake: asyncio.Event
-    ) -> tuple[Cursor[LifecycleRecord], int, EventSubscription]:
-        """PROTOCOL 8.3, 8.4: check the filter, count the subscriber, fix the cut: the
-        history up to ``last`` is read with the cursor, what follows comes through the
-        subscription, made in the same step."""
-        if request.exec_id and not request.container_id:
-            raise ExecError(ErrorCode.INVALID_ARGUMENT, "exec_id needs container_id")
-        if request.container_id:
-            validate_id("container_id", request.container_id)
-        if request.exec_id:
-            validate_id("exec_id", request.exec_id)
-        events = self.registry.events
-        last = events.next_sequence - 1
-        start = last + 1
-        if request.replay_from_sequence is not None:
-            start = max(request.replay_from_sequence, 1)
-        cursor = Cursor(events, start)
-        self.registry.subscribe()
-        subscription = events.subscribe(request.container_id, request.exec_id, wake.set)
-        return cursor, last, subscription
-
-    async def _follow(
-        self,
-        cursor: Cursor[LifecycleRecord],
-        last: int,
-        subscription: EventSubscription,
-        wake: asyncio.Event,
-        context: _Ctx,
-    ) -> AsyncIterator[wire.ContainerLifecycleEvent]:
-        container_id, exec_id = subscription.scope
-        self._wakes.add(wake)
-        try:
-            await context.send_initial_metadata((("execstream-last-sequence", str(last)),))
-            gap = 0
-            while not cursor.caught_up and cursor.position <= last:  # the replay (8.4)
-                self._check_live()
-                position = cursor.position
-                read = cursor.read(until=last + 1)
-                # PROTOCOL 8.5; evicted events past ``last`` are the subscription's, not lost
-                gap += min(read.gap_before, last + 1 - position)
-                for event in read.items:
-                    if _matches(event, container_id, exec_id):
-                        yield _event_message(event, True, gap)
-                        gap = 0
-            while True:  # live: only the matching events wake this subscriber
-                self._check_live()
-                wake.clear()
-                events, dropped = subscription.take()
-                gap += dropped  # PROTOCOL 8.5
-                for event in events:
-                    yield _event_message(event, False, gap)
-                    gap = 0
-                if not events and not self._closing:
-                    await wake.wait()
-        finally:
-            self._wakes.discard(wake)
+                self._wakes.discard(wake)
+                flow.close()
 
     # -- status and control -------------------------------------------------------------
 
@@ -534,16 +492,8 @@ def _sync(call: Callable[[], _R]) -> Callable[[], Awaitable[_R]]:
     return run
 
 
-def _matches(event: LifecycleRecord, container_id: str, exec_id: str) -> bool:
-    """PROTOCOL 8.3."""
-    if container_id and event.container_id != container_id:
-        return False
-    return not exec_id or event.exec_id == exec_id
-
-
-def _event_message(
-    event: LifecycleRecord, is_replay: bool, gap: int
-) -> wire.ContainerLifecycleEvent:
+def _event_message(sent: Sent) -> wire.ContainerLifecycleEvent:
+    event = sent.event
     return wire.ContainerLifecycleEvent(
         container_id=event.container_id,
         exec_id=event.exec_id,
@@ -553,6 +503,6 @@ def _event_message(
         exit_code=event.exit_code,
         message=event.message,
         sequence=event.sequence,
-        is_replay=is_replay,
-        gap_before=gap,
+        is_replay=sent.is_replay,
+        gap_before=sent.gap_before,
     )
