@@ -21,10 +21,9 @@ asyncio nor grpc.
 from __future__ import annotations
 
 import bisect
-import collections
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -208,11 +207,22 @@ class StorageBudget:
             raise ValueError(f"the storage cap must be >= 0, got {cap}")
         self.cap = cap
         self.used = 0
-        self._order: collections.deque[tuple[ExecLog, int]] = collections.deque()
+        # Every stored segment of every exec, oldest first.  A segment is taken out when it
+        # goes, however it goes, so this holds no more entries than there are segments.
+        self._order: dict[tuple[ExecLog, int], None] = {}
+
+    @property
+    def segments(self) -> int:
+        """How many segments the cap may choose from."""
+        return len(self._order)
 
     def added(self, owner: ExecLog, segment: int) -> None:
         if self.cap:  # without a cap nothing is ever taken in this order
-            self._order.append((owner, segment))
+            self._order[owner, segment] = None
+
+    def removed(self, owner: ExecLog, segment: int) -> None:
+        """``segment`` of ``owner`` is gone (its exec's own limit, or the cap took it)."""
+        self._order.pop((owner, segment), None)
 
     def charge(self, size: int) -> None:
         self.used += size
@@ -222,28 +232,28 @@ class StorageBudget:
     def release(self, size: int) -> None:
         self.used -= size
 
-    def forget(self, owner: ExecLog) -> None:
-        self._order = collections.deque(e for e in self._order if e[0] is not owner)
+    def forget(self, owner: ExecLog, segments: Iterable[int]) -> None:
+        """``owner``'s ``segments`` went all at once (its storage was dropped)."""
+        for segment in segments:
+            self.removed(owner, segment)
 
     def _evict_oldest(self) -> bool:
-        # Segments their own exec's limit (or removal) took are gone already; oldest first.
-        while self._order and not self._order[0][0].holds(self._order[0][1]):
-            self._order.popleft()
-        for index, (owner, segment) in enumerate(self._order):
+        for owner, segment in self._order:
             if owner.can_evict(segment):
-                del self._order[index]
-                first, last, size = owner.evict_oldest()
-                log.warning(
-                    "stored output is over the server's cap of %d bytes: evicted chunks "
-                    "%d-%d (%d bytes) of exec %s",
-                    self.cap,
-                    first,
-                    last,
-                    size,
-                    owner.name,
-                )
-                return True
-        return False
+                break
+        else:
+            return False
+        first, last, size = owner.evict_oldest()  # which calls removed()
+        log.warning(
+            "stored output is over the server's cap of %d bytes: evicted chunks "
+            "%d-%d (%d bytes) of exec %s",
+            self.cap,
+            first,
+            last,
+            size,
+            owner.name,
+        )
+        return True
 
 
 class ExecLog(_Notifier):
@@ -332,12 +342,6 @@ class ExecLog(_Notifier):
     def closed(self) -> bool:
         return self.exit_code is not None
 
-    def holds(self, segment: int) -> bool:
-        """Segments are numbered without holes, and evicted only from the oldest."""
-        return bool(self._segments) and (
-            self._segments[0].number <= segment <= self._segments[-1].number
-        )
-
     def can_evict(self, segment: int) -> bool:
         """``segment`` is the oldest and not the newest (which holds the newest chunk)."""
         return len(self._segments) > 1 and self._segments[0].number == segment
@@ -411,6 +415,7 @@ class ExecLog(_Notifier):
         self._stored -= segment.size
         if self._budget is not None:
             self._budget.release(segment.size)
+            self._budget.removed(self, segment.number)
         self._storage.remove(segment.number)
         return segment.first_sequence, self._segments[0].first_sequence - 1, segment.size
 
@@ -427,7 +432,7 @@ class ExecLog(_Notifier):
     def _drop_storage(self) -> None:
         if self._budget is not None:
             self._budget.release(self._stored)
-            self._budget.forget(self)
+            self._budget.forget(self, (segment.number for segment in self._segments))
         self._segments.clear()
         self._first_sequences.clear()
         self._positions.clear()

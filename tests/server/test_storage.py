@@ -218,6 +218,25 @@ def test_cap_never_takes_an_execs_newest_segment(tmp_path: Path) -> None:
         assert log.read(log.next_sequence - 1).items[0].data == b"newest"
 
 
+def test_the_cap_forgets_every_segment_that_goes(tmp_path: Path) -> None:
+    """However a segment goes (its exec's own limit, the cap, the exec's removal), the cap
+    stops tracking it: a long-lived exec that rotates its output costs the cap nothing per
+    segment it ever wrote."""
+    budget = StorageBudget(cap=64 * MIB)
+    rotating = disk_log(tmp_path, "rotating", limit=MIN_OUTPUT_LIMIT, budget=budget)
+    for _ in range(200):  # 200 segments' worth through a limit that keeps a few
+        rotating.append(Stream.STDOUT, b"r" * MAX_CHUNK, 1)
+    held = budget.segments
+    assert 1 <= held <= MIN_OUTPUT_LIMIT // MAX_CHUNK + 1
+    other = disk_log(tmp_path, "other", limit=MIN_OUTPUT_LIMIT, budget=budget)
+    other.append(Stream.STDOUT, b"o" * MAX_CHUNK, 1)
+    assert budget.segments == held + 1
+    rotating.destroy()
+    assert budget.segments == 1
+    other.destroy()
+    assert budget.segments == 0 and budget.used == 0
+
+
 # -- storage that fails ---------------------------------------------------------------------
 
 
