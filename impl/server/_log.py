@@ -180,7 +180,11 @@ class Chunk:
     sequence: int
     timestamp_ns: int
     stream: Stream
-    data: bytes
+    #: A view when the chunk was cut from a larger ``bytes`` (a write of several chunks, or
+    #: a storage read): cutting copies nothing, and that ``bytes`` lives as long as one of its
+    #: chunks does, so a cache within its budget of data holds at most one write or read more.
+    #: Never a view of a mutable buffer.
+    data: bytes | memoryview
     #: The chunk's encoding, made by the first reader that sends it and kept here so that
     #: every other reader sends the same bytes (PROTOCOL 4.3) without encoding them again.
     #: Opaque to this module; it lives and dies with the chunk (the memory cache's chunks, or
@@ -352,15 +356,19 @@ class ExecLog(_Notifier):
         """Number and keep ``data``: storage first, then the cache, then the readers are told.
 
         PROTOCOL 4.1: no empty chunk; 4.4: none over 64 KiB, and no more pieces than that needs.
+        A large write is cut into views of it, not copies, and stored with one write.
         """
         if self.closed:
             raise ValueError("output appended after the exit code")
         if not data:
             return
         chunks = []
+        whole: bytes | memoryview = data
+        if len(data) > MAX_CHUNK and type(data) is bytes:  # immutable: views of it stay true
+            whole = memoryview(data)
         for offset in range(0, len(data), MAX_CHUNK):
             chunks.append(
-                Chunk(self._next, timestamp_ns, stream, data[offset : offset + MAX_CHUNK])
+                Chunk(self._next, timestamp_ns, stream, whole[offset : offset + MAX_CHUNK])
             )
             self._next += 1
         if not self._memory_only:
@@ -371,7 +379,7 @@ class ExecLog(_Notifier):
         self._notify()
 
     def _store(self, chunks: list[Chunk]) -> None:
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         segment = self._segments[-1] if self._segments else None
         added = 0
         try:
@@ -556,7 +564,8 @@ class ExecLog(_Notifier):
         if offset is None:
             offset = 0 if start == segment.first_sequence else self._locate(segment, start)
         want = min(segment.size - offset, max(budget - spent, 0) + _SLACK)
-        buffer = self._storage.read(segment.number, offset, want)
+        read = self._storage.read(segment.number, offset, want)
+        buffer = memoryview(read)  # the chunks are views of the read: no copy each
         position = 0
         expected = start
         while position + HEADER.size <= len(buffer) and expected < stop:

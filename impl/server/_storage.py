@@ -42,8 +42,10 @@ HEADER = struct.Struct("<QqIB")
 class ChunkStorage(Protocol):
     """One exec's segments."""
 
-    def append(self, segment: int, parts: Sequence[bytes]) -> None:
-        """Write ``parts`` at the end of ``segment`` (created on first use); all or raise."""
+    def append(self, segment: int, parts: Sequence[bytes | memoryview]) -> None:
+        """Write ``parts`` at the end of ``segment`` (created on first use); all or raise.
+
+        A part is ``bytes`` or a view of ``bytes`` (a chunk cut from a larger write)."""
 
     def read(self, segment: int, offset: int, size: int) -> bytes:
         """Up to ``size`` bytes of ``segment`` from ``offset`` (fewer at its end)."""
@@ -73,7 +75,7 @@ class MemoryStorage:
     def __init__(self) -> None:
         self._segments: dict[int, bytearray] = {}
 
-    def append(self, segment: int, parts: Sequence[bytes]) -> None:
+    def append(self, segment: int, parts: Sequence[bytes | memoryview]) -> None:
         self._segments.setdefault(segment, bytearray()).extend(b"".join(parts))
 
     def read(self, segment: int, offset: int, size: int) -> bytes:
@@ -113,7 +115,7 @@ class DirectoryStorage:
     def _path(self, segment: int) -> Path:
         return self.directory / f"{segment:08d}.seg"
 
-    def append(self, segment: int, parts: Sequence[bytes]) -> None:
+    def append(self, segment: int, parts: Sequence[bytes | memoryview]) -> None:
         if self._writing is None or self._writing[0] != segment:
             self._close_writer()
             if not self._made:

@@ -8,6 +8,8 @@ in the memory cache) and on a closed one (every read from storage).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -96,6 +98,48 @@ def test_append_splits_into_max_chunk_pieces(size: int, pieces: list[int]) -> No
     assert sequences(chunks) == list(range(1, len(pieces) + 1))
     assert b"".join(c.data for c in chunks) == data
     assert all(c.stream is Stream.STDERR and c.timestamp_ns == 7 for c in chunks)
+
+
+def test_a_large_write_is_cut_into_views_of_it_and_stored_in_one_write() -> None:
+    """A write of several chunks (a read of the process's output) costs no copy per chunk
+    and one storage write; the chunks are the same as from one write per chunk (4.4)."""
+    storage = MemoryStorage()
+    appends: list[int] = []
+    original = storage.append
+
+    def counted(segment: int, parts: Sequence[bytes]) -> None:
+        appends.append(len(parts))
+        original(segment, parts)
+
+    storage.append = counted  # type: ignore[method-assign]
+    log = ExecLog(storage, cache_bytes=4 * MAX_CHUNK, max_output_bytes=0)
+    data = bytes(i % 251 for i in range(3 * MAX_CHUNK + 17))
+    log.append(Stream.STDOUT, data, 7)
+    chunks = log.read(1).items
+    assert [len(c.data) for c in chunks] == [MAX_CHUNK] * 3 + [17]
+    assert all(isinstance(c.data, memoryview) and c.data.obj is data for c in chunks)
+    assert appends == [8], "one storage write: a header and the data of each chunk"
+    log.close(0)  # every read from storage now: the same chunks
+    assert log.read(1).items == chunks
+
+
+def test_a_large_mutable_write_is_copied_not_viewed() -> None:
+    """The engine may reuse its buffer once the write returns: the log keeps its own bytes."""
+    log = exec_log(cache=8 * MAX_CHUNK)
+    buffer = bytearray(b"a" * (2 * MAX_CHUNK + 1))
+    log.append(Stream.STDOUT, buffer, 1)  # type: ignore[arg-type]
+    buffer[:] = b"b" * len(buffer)
+    assert b"".join(c.data for c in log.read(1).items) == b"a" * (2 * MAX_CHUNK + 1)
+
+
+def test_chunks_read_back_from_storage_are_views_of_one_read() -> None:
+    """PROTOCOL 6.7: the same chunks from storage, cut from one read without a copy each."""
+    log = filled(10, size=1000, closed=True)
+    items = Cursor(log, 1).read(max_cost=5_000).items
+    assert sequences(items) == [1, 2, 3, 4, 5]
+    assert [bytes(c.data) for c in items] == [bytes([i]) * 1000 for i in range(1, 6)]
+    assert len({id(c.data.obj) for c in items if isinstance(c.data, memoryview)}) == 1
+    assert all(isinstance(c.data, memoryview) for c in items)
 
 
 def test_empty_append_adds_nothing() -> None:

@@ -23,6 +23,8 @@ import pytest
 from cpu import BURN_SECONDS, BURNER, TICK_TOLERANCE, assert_percent_matches, bracketed, cpu_seconds
 
 from execstream.server._errors import ErrorCode, ExecError
+from execstream.server._log import ExecLog, Stream
+from execstream.server._storage import MemoryStorage
 from execstream.server.runtime import ExecSpec, ProcessExec, ProcessRuntime
 from execstream.server.runtime.process import _freezer, _procfs, _runtime, _spawn, end_leftovers
 from execstream.server.runtime.process._stdio import OutputReader, grow_pipe
@@ -194,7 +196,9 @@ async def test_stdout_and_stderr_are_separate_and_complete(
     assert await run.wait() == 0
     assert run.stdout.data == out
     assert run.stderr.data == err
-    assert max(len(c) for c in run.stdout.chunks + run.stderr.chunks) <= 65536
+    # Each read's full 64 KiB pieces in one write, or a short last piece: the log cuts
+    # either into the chunks of PROTOCOL 4.4.
+    assert all(len(c) % 65536 == 0 or len(c) < 65536 for c in run.stdout.chunks + run.stderr.chunks)
 
 
 async def test_each_read_is_one_sink_write_of_at_most_read_size(tmp_path: Path) -> None:
@@ -232,6 +236,30 @@ async def test_one_read_takes_what_the_pipe_holds_in_full_sized_writes() -> None
     finally:
         if write_fd >= 0:
             os.close(write_fd)
+        reader.close()
+
+
+async def test_pieces_of_the_log_chunk_size_go_to_the_sink_in_one_write_per_read() -> None:
+    """With ``read_size`` a multiple of the log's 64 KiB chunks, a read's full pieces are one
+    write (one storage write, not one per piece), which the log cuts into the same chunks."""
+    loop = asyncio.get_running_loop()
+    read_fd, write_fd = os.pipe()
+    grow_pipe(write_fd)
+    os.set_blocking(read_fd, False)
+    sink = _Signalling()
+    payload = os.urandom(200_000)
+    assert os.write(write_fd, payload) == len(payload)
+    reader = OutputReader(loop, read_fd, sink, 65536, lambda: None, owns_fd=True, label="test")
+    try:
+        await asyncio.wait_for(sink.written.wait(), TIMEOUT)
+        assert [len(c) for c in sink.chunks] == [3 * 65536, 3392]
+        assert sink.data == payload
+        log = ExecLog(MemoryStorage(), max_output_bytes=0)
+        for data in sink.chunks:
+            log.append(Stream.STDOUT, data, 1)
+        assert [len(c.data) for c in log.read(1).items] == [65536] * 3 + [3392]
+    finally:
+        os.close(write_fd)
         reader.close()
 
 

@@ -246,7 +246,7 @@ class FailingStorage(MemoryStorage):
         self.appends = 0
         self.fail_after = fail_after
 
-    def append(self, segment: int, parts: Sequence[bytes]) -> None:
+    def append(self, segment: int, parts: Sequence[bytes | memoryview]) -> None:
         self.appends += 1
         if self.appends > self.fail_after:
             raise OSError(28, "No space left on device")

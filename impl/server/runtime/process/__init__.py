@@ -63,7 +63,9 @@ finishes off stragglers: nothing outlives its container.
 **Draining.**  Output pipes (1 MiB where ``F_SETPIPE_SZ`` allows) are read non-blocking, on
 the event loop thread: each turn of the loop reads until the pipe is empty (within 4 MiB),
 storing each read's full pieces at once, so the producer refills the pipe meanwhile; the
-sink gets writes of ``read_size`` bytes, and one shorter at the end of the turn.
+sink gets pieces of ``read_size`` bytes, and one shorter at the end of the turn, each read's
+full pieces in one write when ``read_size`` is a multiple of the 64 KiB chunk (one storage
+write per read).
 :meth:`ProcessExec.wait` resolves once the main process has exited *and* every pipe reached
 end of file, so all output precedes the exit code.  Descendants that keep a pipe open would
 hold that forever, so the drain is bounded: ``drain_timeout`` seconds after the main process

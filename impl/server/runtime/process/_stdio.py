@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 
 from ..._errors import ErrorCode, ExecError
+from ..._log import MAX_CHUNK
 from .._base import OutputSink
 
 __all__ = ["PIPE_SIZE", "InputWriter", "OutputReader", "grow_pipe", "winsize"]
@@ -55,8 +56,9 @@ def grow_pipe(fd: int) -> None:
 
 class OutputReader:
     """One output stream of an exec: each turn of the event loop it reads until the pipe is
-    empty (within ``TURN_BYTES``), and what it read goes to the sink in writes of
-    ``read_size`` bytes, the last one shorter.
+    empty (within ``TURN_BYTES``), and what it read goes to the sink in pieces of
+    ``read_size`` bytes, the last one shorter: one write per piece, or, when ``read_size`` is
+    a multiple of the log's chunk size, one write of each read's full pieces.
 
     The producer is never held back by what else the loop serves, its clients' writers
     included (PROTOCOL 6.6): while it keeps the pipe filling, the reader keeps reading and
@@ -78,6 +80,11 @@ class OutputReader:
         self._fd = fd
         self._sink = sink
         self._read_size = read_size
+        # The log cuts every write into chunks of 64 KiB (PROTOCOL 4.4): with pieces of a
+        # multiple of that, one write of a read's full pieces makes the very same chunks as a
+        # write of each, for one call and one storage write instead of one per piece (the
+        # cost of storing is per write).
+        self._whole_reads = read_size % MAX_CHUNK == 0
         self._on_closed = on_closed
         self._owns_fd = owns_fd
         self._label = label
@@ -120,8 +127,12 @@ class OutputReader:
 
     def _deliver(self, buffer: memoryview, start: int, end: int) -> int:
         try:
-            for offset in range(start, end, self._read_size):
-                self._sink.write(bytes(buffer[offset : min(end, offset + self._read_size)]))
+            if self._whole_reads:
+                if end > start:
+                    self._sink.write(bytes(buffer[start:end]))
+            else:
+                for offset in range(start, end, self._read_size):
+                    self._sink.write(bytes(buffer[offset : min(end, offset + self._read_size)]))
         except Exception:
             log.exception("the output sink of %s failed", self._label)
         return end
