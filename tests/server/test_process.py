@@ -25,7 +25,7 @@ from cpu import BURN_SECONDS, BURNER, TICK_TOLERANCE, assert_percent_matches, br
 from execstream.server._errors import ErrorCode, ExecError
 from execstream.server.runtime import ExecSpec, ProcessExec, ProcessRuntime
 from execstream.server.runtime.process import _freezer, _procfs, _runtime, _spawn, end_leftovers
-from execstream.server.runtime.process._stdio import OutputReader, grow_pipe
+from execstream.server.runtime.process._stdio import TURN_BYTES, OutputReader, grow_pipe
 
 TIMEOUT = 10.0
 
@@ -194,23 +194,27 @@ async def test_stdout_and_stderr_are_separate_and_complete(
     assert await run.wait() == 0
     assert run.stdout.data == out
     assert run.stderr.data == err
-    assert max(len(c) for c in run.stdout.chunks + run.stderr.chunks) <= 65536
+    # One write per read (the log makes chunks of at most 64 KiB of it, PROTOCOL 4.4).
+    assert max(len(c) for c in run.stdout.chunks + run.stderr.chunks) <= TURN_BYTES
 
 
-async def test_each_read_is_one_sink_write_of_at_most_read_size(tmp_path: Path) -> None:
+async def test_each_sink_write_is_whole_pieces_of_read_size_or_a_turns_last_piece(
+    tmp_path: Path,
+) -> None:
     rt = ProcessRuntime(tmp_path / "state", read_size=4096)
     try:
         run = await start(rt, ["head", "-c", "200000", "/dev/zero"])
         assert await run.wait() == 0
         assert len(run.stdout.data) == 200_000
-        assert all(0 < len(chunk) <= 4096 for chunk in run.stdout.chunks)
+        assert all(0 < len(chunk) < 4096 or len(chunk) % 4096 == 0 for chunk in run.stdout.chunks)
     finally:
         await closed_and_clean(rt)
 
 
-async def test_one_read_takes_what_the_pipe_holds_in_full_sized_writes() -> None:
+async def test_one_read_takes_what_the_pipe_holds_in_full_sized_pieces() -> None:
     """A producer ahead of the server: the pipe is emptied in one read, and the sink gets
-    full ``read_size`` writes, the last one shorter (PROTOCOL 4.4: no more pieces than that)."""
+    its full ``read_size`` pieces in one write (stored at once), then the shorter last one
+    (PROTOCOL 4.4: no more pieces than that)."""
     loop = asyncio.get_running_loop()
     read_fd, write_fd = os.pipe()
     grow_pipe(write_fd)
@@ -224,7 +228,7 @@ async def test_one_read_takes_what_the_pipe_holds_in_full_sized_writes() -> None
     try:
         await asyncio.wait_for(sink.written.wait(), TIMEOUT)
         # All of it at once: one turn of the loop, one read.
-        assert [len(c) for c in sink.chunks] == [4096] * 48 + [3392]
+        assert [len(c) for c in sink.chunks] == [4096 * 48, 3392]
         assert sink.data == payload
         os.close(write_fd)
         write_fd = -1
@@ -236,9 +240,9 @@ async def test_one_read_takes_what_the_pipe_holds_in_full_sized_writes() -> None
 
 
 async def test_what_the_producer_writes_while_a_turn_is_stored_joins_that_turn() -> None:
-    """The reader stores each read's full pieces at once and reads on: the producer refilling
-    the pipe meanwhile is read in the same turn, and the leftovers of both reads make one
-    piece, not two short ones (PROTOCOL 4.4)."""
+    """The reader stores each read's full pieces at once (one write) and reads on: the
+    producer refilling the pipe meanwhile is read in the same turn, and the leftovers of both
+    reads make one piece, not two short ones (PROTOCOL 4.4)."""
     loop = asyncio.get_running_loop()
     read_fd, write_fd = os.pipe()
     grow_pipe(write_fd)
@@ -258,7 +262,7 @@ async def test_what_the_producer_writes_while_a_turn_is_stored_joins_that_turn()
     reader = OutputReader(loop, read_fd, sink, 4096, lambda: None, owns_fd=True, label="test")
     try:
         await asyncio.wait_for(sink.written.wait(), TIMEOUT)
-        assert [len(c) for c in sink.chunks] == [4096, 4096, 4096, 2712]
+        assert [len(c) for c in sink.chunks] == [2 * 4096, 4096, 2712]
         assert sink.data == payload
     finally:
         os.close(write_fd)

@@ -63,7 +63,8 @@ finishes off stragglers: nothing outlives its container.
 **Draining.**  Output pipes (1 MiB where ``F_SETPIPE_SZ`` allows) are read non-blocking, on
 the event loop thread: each turn of the loop reads until the pipe is empty (within 4 MiB),
 storing each read's full pieces at once, so the producer refills the pipe meanwhile; the
-sink gets writes of ``read_size`` bytes, and one shorter at the end of the turn.
+sink gets each read's whole ``read_size`` pieces as one write (stored with one system call),
+and one shorter piece at the end of the turn.
 :meth:`ProcessExec.wait` resolves once the main process has exited *and* every pipe reached
 end of file, so all output precedes the exit code.  Descendants that keep a pipe open would
 hold that forever, so the drain is bounded: ``drain_timeout`` seconds after the main process
