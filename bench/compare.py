@@ -988,8 +988,13 @@ async def run(args: argparse.Namespace, params: Params) -> int:
     only = set(args.only or FIGURES)
     began = time.perf_counter()
     load = [os.getloadavg()[0]]  # a busy machine shows in the spread of the runs
-    largest = max(params.mib, params.fanout_mib, params.stalled_mib) * MIB
-    output_flags = _reference_output_flags(largest + 64 * MIB)
+    # Every exec keeps all its output, so that no client misses a byte however it lags: at
+    # least the server's default limit (1 GiB).  Sized to the figures alone (164 MiB), the
+    # latency figure's bulk exec, which writes 100 MB/s for as long as the ticks take, went
+    # past it on a loaded machine, and evicted chunks its client had not read yet (a failed
+    # run); the stalled figure's execs write --stalled-runs times --stalled-mib.
+    largest = max(params.mib, params.fanout_mib, params.stalled_mib * params.stalled_runs) * MIB
+    output_flags = _reference_output_flags(max(largest + 64 * MIB, 1 << 30))
     runs: list[dict[str, Values]] = []
     pipe: list[float] = []
     if args.profile is not None:
