@@ -77,6 +77,8 @@ WORKLOAD = str(Path(__file__).resolve().parent / "workload.py")
 NAIVE = str(Path(__file__).resolve().parent / "naive_server.py")
 SERVERS = ("execstream", "naive")
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.enable_http_proxy", 0)]
+#: The pause before each producer run of the stalled figure.
+SETTLE_S = 0.25
 
 
 class BenchError(Exception):
@@ -447,6 +449,10 @@ async def producer_seconds(
                     # The stalled exec first in the first pair: what a fresh server pays
                     # for warming up counts against the stalled clients, not for them.
                     for kind in kinds[::-1] if run % 2 else kinds:
+                        # A quiet server for each run: what the server still does for the
+                        # run before (sending the stalled clients their windows' worth after
+                        # the first) must not land on this one.
+                        await asyncio.sleep(SETTLE_S)
                         os.write(gates[kind], b"go\n")
                         done = workdir / f"time-{kind}-{tag}-{run}"
                         await _poll(done.exists, "the producer")
