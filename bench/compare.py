@@ -17,7 +17,13 @@ The figures (``--only`` takes their ids):
                 bytes read straight from the process in 64 KiB reads);
 ``fanout``      1/8/32/100 clients on one exec (``--fanout``), ``--fanout-mib`` each, MB/s in all;
 ``stalled``     the producer's own wall time writing ``--stalled-mib`` MiB with no client
-                attached, and with 8 attached clients that never read;
+                attached, and with 8 attached clients that never read: two execs side by
+                side, whose producers run ``--stalled-runs`` times, in pairs taking turns
+                going first; the medians, and the median of the pairs' ratios.  The
+                clients stay attached throughout: the first run also fills their
+                flow-control windows (~4 MiB each, sent while they still take data), a
+                one-off cost shown on its own row; the runs after it meet clients stalled
+                in full;
 ``latency``     write → client latency of single lines (p50, p99), idle and while another exec
                 streams ``--bulk-rate`` MB/s to its client;
 ``start``       Start → exit of ``true``, median of sequential execs;
@@ -71,6 +77,8 @@ WORKLOAD = str(Path(__file__).resolve().parent / "workload.py")
 NAIVE = str(Path(__file__).resolve().parent / "naive_server.py")
 SERVERS = ("execstream", "naive")
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.enable_http_proxy", 0)]
+#: The pause before each producer run of the stalled figure.
+SETTLE_S = 0.25
 
 
 class BenchError(Exception):
@@ -88,6 +96,7 @@ class Params:
     fanout_mib: int
     stalled_mib: int
     stalled_clients: int
+    stalled_runs: int
     latency_samples: int
     latency_period: float
     bulk_rate: float
@@ -106,6 +115,7 @@ FULL = Params(
     fanout_mib=16,
     stalled_mib=50,
     stalled_clients=8,
+    stalled_runs=7,
     latency_samples=1000,
     latency_period=0.001,
     bulk_rate=100.0,
@@ -122,6 +132,7 @@ QUICK = dataclasses.replace(
     mib=32,
     fanout_mib=4,
     stalled_mib=16,
+    stalled_runs=3,
     latency_samples=300,
     start_count=20,
     rss_execs=300,
@@ -387,32 +398,71 @@ async def fanout_mb_s(address: str, nbytes: int, clients: int) -> float:
         return nbytes * clients / seconds / MB
 
 
-async def producer_seconds(address: str, nbytes: int, stalled: int, workdir: Path) -> float:
-    """The producer's own wall time writing ``nbytes`` while ``stalled`` clients never read."""
-    gate, result = workdir / f"gate-{uuid.uuid4().hex}", workdir / f"time-{uuid.uuid4().hex}"
-    script = (
-        f"while [ ! -e {gate} ]; do sleep 0.002; done; t0=$(date +%s%N); "
+def _producer_script(fifo: Path, result: Path, nbytes: int, runs: int) -> str:
+    """``runs`` timed writes of ``nbytes``, each once a line arrives on ``fifo``: waiting
+    costs no CPU while the other exec's producer is measured."""
+    return (
+        f"exec 3< {fifo}; for i in $(seq 1 {runs}); do read go <&3; t0=$(date +%s%N); "
         f"head -c {nbytes} /dev/zero; t1=$(date +%s%N); "
-        f"echo $((t1 - t0)) > {result}.part && mv {result}.part {result}"
+        f"echo $((t1 - t0)) > {result}-$i.part && mv {result}-$i.part {result}-$i; done"
     )
-    async with Client(address, channels=stalled + 1) as client:
-        container, exec_id = _container("stalled"), _exec_id()
-        creator = await open_session(
-            client.stub(), _start(container, exec_id, ["sh", "-c", script])
-        )
-        # Attached, read Ready, then never read again.
-        calls = list(
-            await asyncio.gather(
-                *(open_session(client.stub(), _start(container, exec_id)) for _ in range(stalled))
+
+
+async def producer_seconds(
+    address: str, nbytes: int, stalled: int, workdir: Path, runs: int = 1
+) -> tuple[list[float], list[float]]:
+    """The producer's own wall time writing ``nbytes``, in two execs side by side: one with
+    no client, one with ``stalled`` clients that never read, attached throughout.  Each
+    exec's producer runs ``runs`` times, in pairs (none, stalled) whose order alternates, so
+    that the machine's load and the server's warming up fall on both alike."""
+    tag = uuid.uuid4().hex
+    kinds = ("none", "stalled")
+    fifos = {kind: workdir / f"go-{kind}-{tag}" for kind in kinds}
+    results = {kind: workdir / f"time-{kind}-{tag}" for kind in kinds}
+    gates: dict[str, int] = {}
+    try:
+        for kind in kinds:
+            os.mkfifo(fifos[kind])
+            # Read and write: opening does not wait for the reader, nor the reader for us.
+            gates[kind] = os.open(fifos[kind], os.O_RDWR)
+        async with Client(address, channels=stalled + 2) as client:
+            container = _container("stalled")
+            creators, execs = [], {}
+            for kind in kinds:
+                execs[kind] = _exec_id()
+                script = _producer_script(fifos[kind], results[kind], nbytes, runs)
+                command = _start(container, execs[kind], ["sh", "-c", script])
+                creators.append(await open_session(client.stub(), command))
+            # Attached, read Ready, then never read again.
+            calls = list(
+                await asyncio.gather(
+                    *(
+                        open_session(client.stub(), _start(container, execs["stalled"]))
+                        for _ in range(stalled)
+                    )
+                )
             )
-        )
-        await _cancel([creator])  # "none": no client at all while the producer writes
-        gate.touch()
-        try:
-            await _poll(result.exists, "the producer")
-        finally:
-            await _cancel(calls)
-        return int(result.read_text()) / 1e9
+            await _cancel(creators)  # "none": no client at all while its producer writes
+            seconds: dict[str, list[float]] = {kind: [] for kind in kinds}
+            try:
+                for run in range(1, runs + 1):
+                    # The stalled exec first in the first pair: what a fresh server pays
+                    # for warming up counts against the stalled clients, not for them.
+                    for kind in kinds[::-1] if run % 2 else kinds:
+                        # A quiet server for each run: what the server still does for the
+                        # run before (sending the stalled clients their windows' worth after
+                        # the first) must not land on this one.
+                        await asyncio.sleep(SETTLE_S)
+                        os.write(gates[kind], b"go\n")
+                        done = workdir / f"time-{kind}-{tag}-{run}"
+                        await _poll(done.exists, "the producer")
+                        seconds[kind].append(int(done.read_text()) / 1e9)
+            finally:
+                await _cancel(calls)
+            return seconds["none"], seconds["stalled"]
+    finally:
+        for fd in gates.values():
+            os.close(fd)
 
 
 async def latency_ms(
@@ -579,11 +629,16 @@ def steps(params: Params, only: set[str], workdir: Path) -> list[Step]:
 
         async def stalled(server: Server) -> Values:
             nbytes, clients = params.stalled_mib * MIB, params.stalled_clients
+            runs = params.stalled_runs
+            none, stalled = await producer_seconds(server.address, nbytes, clients, workdir, runs)
             return {
-                "producer_none": await producer_seconds(server.address, nbytes, 0, workdir),
-                "producer_stalled": await producer_seconds(
-                    server.address, nbytes, clients, workdir
+                "producer_none": statistics.median(none),
+                "producer_stalled": statistics.median(stalled),
+                # Run by run: a pair's two runs met the same load.
+                "producer_slowdown": statistics.median(
+                    s / n for s, n in zip(stalled, none, strict=True)
                 ),
+                "producer_first_slowdown": stalled[0] / none[0],
             }
 
         out.append(stalled)
@@ -761,7 +816,12 @@ def build_rows(params: Params, runs: list[dict[str, Values]], pipe: list[float])
     no_worse = _vs_naive(None, 1.0)
     stalled = params.stalled_clients
     rows += [
-        Row("producer_none", f"producer writing {params.stalled_mib} MiB, no client", "s", False),
+        Row(
+            "producer_none",
+            f"producer writing {params.stalled_mib} MiB, no client, median",
+            "s",
+            False,
+        ),
         Row("producer_stalled", f"  … with {stalled} stalled clients", "s", False),
         Row(
             "producer_slowdown",
@@ -771,6 +831,7 @@ def build_rows(params: Params, runs: list[dict[str, Values]], pipe: list[float])
             "≤ 1.05",
             _absolute(1.05),
         ),
+        Row("producer_first_slowdown", "  first run, while windows fill", "x", False),
         Row("latency_idle_p50", "write → client latency p50, idle", "ms", False),
         Row(
             "latency_idle_p99", "write → client latency p99, idle", "ms", False, "≤ 1.00x", no_worse
@@ -808,7 +869,6 @@ def build_rows(params: Params, runs: list[dict[str, Values]], pipe: list[float])
                 label = f"  creation rate {subscribers} / 0 subscribers"
                 rows.append(Row(f"creation_{subscribers}_vs_0", label, "x", True, target, met))
     by_id = {row.id: row for row in rows}
-    by_id["producer_slowdown"].of = (by_id["producer_stalled"], by_id["producer_none"])
     for row in rows:
         if row.id.endswith("_vs_0"):
             row.of = (by_id[row.id.removesuffix("_vs_0")], by_id["creation_0"])
@@ -819,9 +879,6 @@ def build_rows(params: Params, runs: list[dict[str, Values]], pipe: list[float])
 
 def _value(row_id: str, values: Values) -> float | None:
     """A figure of one repetition; a ratio row's runs are the ratios within each run."""
-    if row_id == "producer_slowdown":
-        none, stalled = values.get("producer_none"), values.get("producer_stalled")
-        return stalled / none if none and stalled else None
     if row_id.endswith("_vs_0"):
         base, this = values.get("creation_0"), values.get(row_id.removesuffix("_vs_0"))
         return this / base if base and this else None
@@ -930,6 +987,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Params]:
     params = dataclasses.replace(params, **overrides)
     if params.runs < 1:
         parser.error("--runs must be at least 1")
+    if params.stalled_runs < 1:
+        parser.error("--stalled-runs must be at least 1")
     return args, params
 
 
@@ -937,8 +996,13 @@ async def run(args: argparse.Namespace, params: Params) -> int:
     only = set(args.only or FIGURES)
     began = time.perf_counter()
     load = [os.getloadavg()[0]]  # a busy machine shows in the spread of the runs
-    largest = max(params.mib, params.fanout_mib, params.stalled_mib) * MIB
-    output_flags = _reference_output_flags(largest + 64 * MIB)
+    # Every exec keeps all its output, so that no client misses a byte however it lags: at
+    # least the server's default limit (1 GiB).  Sized to the figures alone (164 MiB), the
+    # latency figure's bulk exec, which writes 100 MB/s for as long as the ticks take, went
+    # past it on a loaded machine, and evicted chunks its client had not read yet (a failed
+    # run); the stalled figure's execs write --stalled-runs times --stalled-mib.
+    largest = max(params.mib, params.fanout_mib, params.stalled_mib * params.stalled_runs) * MIB
+    output_flags = _reference_output_flags(max(largest + 64 * MIB, 1 << 30))
     runs: list[dict[str, Values]] = []
     pipe: list[float] = []
     if args.profile is not None:

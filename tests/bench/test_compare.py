@@ -129,7 +129,8 @@ async def test_the_checks_pass_complete_output() -> None:
 def test_a_tiny_run_reports_every_figure_for_both_servers(tmp_path: Path) -> None:
     report = tmp_path / "bench.json"
     tiny = ["--runs", "1", "--mib", "1", "--fanout", "1", "2", "--fanout-mib", "1"]
-    tiny += ["--stalled-mib", "1", "--stalled-clients", "2", "--latency-samples", "20"]
+    tiny += ["--stalled-mib", "1", "--stalled-clients", "2", "--stalled-runs", "2"]
+    tiny += ["--latency-samples", "20"]
     tiny += ["--bulk-rate", "20", "--start-count", "3", "--burst-execs", "4"]
     tiny += ["--burst-lines", "50", "--rss-execs", "10", "--subscribers", "0", "3"]
     tiny += ["--creation-seconds", "0.1", "--json", str(report)]
@@ -149,6 +150,7 @@ def test_a_tiny_run_reports_every_figure_for_both_servers(tmp_path: Path) -> Non
         "producer_none",
         "producer_stalled",
         "producer_slowdown",
+        "producer_first_slowdown",
         "latency_idle_p50",
         "latency_idle_p99",
         "latency_load_p50",
