@@ -542,7 +542,6 @@ async def creation_rates(
     levels = sorted(set(levels))
     counts, spent = dict.fromkeys(levels, 0), dict.fromkeys(levels, 0.0)
     unsupported: set[int] = set()
-    container = _container("creation")
     window = seconds / rounds
     async with (
         Client(address) as execs,
@@ -550,6 +549,8 @@ async def creation_rates(
     ):
 
         async def run(duration: float) -> tuple[int, float]:
+            # A fresh container per window, as each level had its own before they took turns.
+            container = _container("creation")
             count, began = 0, time.perf_counter()
             while (elapsed := time.perf_counter() - began) < duration or count < 3:
                 request = _start(container, _exec_id(), ["true"])

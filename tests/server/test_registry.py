@@ -314,6 +314,23 @@ def test_max_execs_per_container(clock: FakeClock) -> None:
     registry.register("c2", "e3")  # other containers are unaffected
 
 
+def test_removing_a_live_exec_frees_its_place_in_the_container(clock: FakeClock) -> None:
+    """The per-container count follows every way an exec stops being live: exit, and
+    removal before exit (a failed spawn is unregistered while pending)."""
+    registry = Registry(Limits(max_execs_per_container=2), clock)
+    pending = registry.register("c1", "pending")
+    running(registry, "c1", "live")
+    registry.remove(pending)
+    registry.register("c1", "again")
+    with expect_error(ErrorCode.RESOURCE_EXHAUSTED, "max_execs_per_container", "2 execs"):
+        registry.register("c1", "third")
+    registry.remove(registry.get("c1", "live"))  # removed while running
+    registry.mark_exited(registry.get("c1", "again"), 0)
+    running(registry, "c1", "one")
+    running(registry, "c1", "two")
+    assert registry.container("c1").live == 2
+
+
 def test_exited_execs_do_not_count_against_limits(clock: FakeClock) -> None:
     """PROTOCOL 13.3: a container can run execs one after the other without end."""
     registry = Registry(Limits(max_execs=3, max_execs_per_container=2), clock)
