@@ -213,6 +213,9 @@ def start_server(
         argv += ["--log-level", "WARNING", "--retention", str(retention)]
         argv += ["--cleanup-interval", str(max(min(retention / 2, 30.0), 0.1))]
         argv += ["--max-execs", "100000", "--max-execs-per-container", "100000"]
+        # Every exec retained for the whole run, as the naive server does: past the bound
+        # (1024 by default) each exit would remove the earliest one (PROTOCOL 11.3).
+        argv += ["--max-exited-execs", "100000"]
         argv += ["--max-clients-per-exec", "1024", "--max-subscribers", "4096"]
         argv += output_flags
     return Server(kind, argv, logdir)
