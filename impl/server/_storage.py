@@ -18,6 +18,7 @@ bounded in size by the caller: no asyncio and no grpc imports.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import shutil
@@ -99,20 +100,22 @@ class MemoryArea:
 
 
 class DirectoryStorage:
-    """Segments as files ``EXEC.NNNNNNNN.seg`` in their container's directory.
+    """Segments as files ``NAME.NNNNNNNN.seg`` in their container's directory, ``NAME``
+    unique to this storage (the area makes it ``EXEC.SERIAL``).
 
     No directory per exec: on ext4 making one, the first file in it, and removing both cost
-    about 0.5 ms per exec, where a file in a shared directory costs a create and an unlink
-    (measured, 300 execs).  The name parses from the right (IDs hold no ``/``; the segment
-    number no ``.``), so two execs never share a file.
+    0.4-0.8 ms per exec (a micro-benchmark; the 300-exec burst under cProfile), where a file
+    in a shared directory costs a create and an unlink.  The name parses from the right
+    (IDs hold no ``/``; serial and segment number no ``.``), so two execs never share a
+    file.
 
     Only two descriptors are ever open: the newest segment's, for appending, and the one last
     read, since followers of one exec mostly read the same segment.
     """
 
-    def __init__(self, directory: Path, exec_id: str) -> None:
+    def __init__(self, directory: Path, name: str) -> None:
         self.directory = directory
-        self._prefix = f"{exec_id}."
+        self._prefix = f"{name}."
         self._segments: set[int] = set()  # on disk, for destroy to remove without a listing
         self._writing: tuple[int, int] | None = None  # (segment, fd)
         self._reading: tuple[int, int] | None = None
@@ -185,7 +188,7 @@ _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 class DirectoryArea:
     """One directory per container, ``ROOT/CONTAINER``, made when its first output is
-    stored (``ROOT`` with it).
+    stored (``ROOT`` with it).  One area per root: the serials in the file names are its own.
 
     Without a root, a fresh temporary directory is made on first use and removed when the
     area is closed or garbage-collected.
@@ -193,6 +196,9 @@ class DirectoryArea:
 
     def __init__(self, root: Path | None = None) -> None:
         self._root = root
+        # In each exec's file names: an exec removed while a client still reads its output
+        # (PROTOCOL 11.2) keeps its files apart from a new exec registered with its IDs.
+        self._serials = itertools.count(1)
         self._finalizer: weakref.finalize[[str], DirectoryArea] | None = None
 
     @property
@@ -208,7 +214,7 @@ class DirectoryArea:
         # because they become path components.
         if not (_SAFE.fullmatch(container_id) and _SAFE.fullmatch(exec_id)):
             raise ValueError(f"not a safe path component: {container_id!r}/{exec_id!r}")
-        return DirectoryStorage(self.root / container_id, exec_id)
+        return DirectoryStorage(self.root / container_id, f"{exec_id}.{next(self._serials)}")
 
     def close(self) -> None:
         """Remove the temporary root, if this area made one."""

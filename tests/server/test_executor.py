@@ -74,7 +74,7 @@ def stream_data(handle: ExecHandle, stream: Stream) -> bytes:
 
 
 def stored_files(tmp_path: Path, container_id: str, exec_id: str) -> list[Path]:
-    name = re.compile(re.escape(exec_id) + r"\.[0-9]+\.seg")  # EXEC.NNNNNNNN.seg
+    name = re.compile(re.escape(exec_id) + r"\.[0-9]+\.[0-9]+\.seg")  # EXEC.SERIAL.NNNNNNNN.seg
     directory = tmp_path / "logs" / container_id
     return sorted(f for f in directory.glob("*.seg") if name.fullmatch(f.name))
 

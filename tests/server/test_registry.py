@@ -818,6 +818,32 @@ def test_output_of_a_removed_exec_stays_for_the_clients_still_reading_it(
     assert not (tmp_path / "c1").exists()
 
 
+def test_a_new_exec_with_the_ids_of_a_removed_one_still_read_has_files_of_its_own(
+    clock: FakeClock, tmp_path: Path
+) -> None:
+    """PROTOCOL 11.2: the IDs are free again at once, while a client still reads the removed
+    exec's output: neither exec's output is mixed with, or removed with, the other's."""
+    registry = Registry(Limits(memory_cache_bytes=65536), clock, storage=DirectoryArea(tmp_path))
+    old = registry.register("c1", "e1")
+    registry.mark_started(old)
+    for i in range(20):
+        old.log.append(Stream.STDOUT, bytes([i]) * 10_000, i)
+    registry.mark_exited(old, 0)
+    slow = registry.attach(old, 0)
+    registry.remove(old)
+    new = registry.register("c1", "e1")
+    registry.mark_started(new)
+    for i in range(20):
+        new.log.append(Stream.STDOUT, bytes([100 + i]) * 10_000, i)
+    registry.mark_exited(new, 0)
+    got = []
+    while not slow.caught_up:
+        got += slow.read(max_cost=30_000).items
+    assert [c.data[0] for c in got] == list(range(20))
+    registry.detach(old)
+    assert [c.data[0] for c in new.log.read(0, max_cost=1 << 30).items] == list(range(100, 120))
+
+
 def test_an_event_goes_only_to_the_subscriptions_it_matches(registry: Registry) -> None:
     """PROTOCOL 8.3: everything, a container's events, an exec's events; each subscription
     is handed only what matches, and woken only for that."""
