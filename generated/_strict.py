@@ -58,38 +58,82 @@ def parse_strict(message_type: type[_M], data: bytes) -> _M:
 # -- the decoded message: types of values and oneof groups ------------------------------------
 
 
-def _check_value(value: Any, hint: Any, where: str) -> None:
+_Check: TypeAlias = Callable[[Any, str], None]
+
+
+@functools.cache
+def _checker(hint: Any) -> _Check:
+    """The check of a value against its field's type hint, worked out once per hint: a
+    request is checked field by field, and reading the hint each time cost more than
+    decoding the request (0.2 ms per ``Start``, measured)."""
     origin = typing.get_origin(hint)
     if origin is types.UnionType:  # X | None: an optional field or a oneof member
-        if value is None:
-            return
-        (hint,) = [h for h in typing.get_args(hint) if h is not type(None)]
-        origin = typing.get_origin(hint)
+        (inner,) = [h for h in typing.get_args(hint) if h is not type(None)]
+        check_inner = _checker(inner)
+
+        def optional(value: Any, where: str) -> None:
+            if value is not None:
+                check_inner(value, where)
+
+        return optional
     if origin is list:
-        if not isinstance(value, list):
-            raise MalformedMessage(f"{where} is not repeated")
         (item,) = typing.get_args(hint)
-        for element in value:
-            _check_value(element, item, where)
-    elif origin is dict:
-        if not isinstance(value, dict):
-            raise MalformedMessage(f"{where} is not a map")
-        key_hint, value_hint = typing.get_args(hint)
-        for key, element in value.items():
-            _check_value(key, key_hint, where)
-            _check_value(element, value_hint, where)
-    elif isinstance(hint, type) and issubclass(hint, betterproto2.Message):
-        if not isinstance(value, hint):
-            raise MalformedMessage(f"{where} is not a {hint.__name__}")
-        _check_message(value)
-    elif hint is float:
-        if not isinstance(value, (float, int)) or isinstance(value, bool):
-            raise MalformedMessage(f"{where} is not a number")
-    elif hint is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise MalformedMessage(f"{where} is not an integer")
-    elif isinstance(hint, type) and not isinstance(value, hint):
-        raise MalformedMessage(f"{where} has the wrong wire type")
+        check_item = _checker(item)
+
+        def repeated(value: Any, where: str) -> None:
+            if not isinstance(value, list):
+                raise MalformedMessage(f"{where} is not repeated")
+            for element in value:
+                check_item(element, where)
+
+        return repeated
+    if origin is dict:
+        check_key, check_element = map(_checker, typing.get_args(hint))
+
+        def mapping(value: Any, where: str) -> None:
+            if not isinstance(value, dict):
+                raise MalformedMessage(f"{where} is not a map")
+            for key, element in value.items():
+                check_key(key, where)
+                check_element(element, where)
+
+        return mapping
+    if isinstance(hint, type) and issubclass(hint, betterproto2.Message):
+        message_type = hint
+
+        def message(value: Any, where: str) -> None:
+            if not isinstance(value, message_type):
+                raise MalformedMessage(f"{where} is not a {message_type.__name__}")
+            _check_message(value)
+
+        return message
+    if hint is float:
+
+        def number(value: Any, where: str) -> None:
+            if not isinstance(value, (float, int)) or isinstance(value, bool):
+                raise MalformedMessage(f"{where} is not a number")
+
+        return number
+    if hint is int:
+
+        def integer(value: Any, where: str) -> None:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise MalformedMessage(f"{where} is not an integer")
+
+        return integer
+    if isinstance(hint, type):
+        scalar_type = hint
+
+        def scalar(value: Any, where: str) -> None:
+            if not isinstance(value, scalar_type):
+                raise MalformedMessage(f"{where} has the wrong wire type")
+
+        return scalar
+    return _unchecked
+
+
+def _unchecked(value: Any, where: str) -> None:
+    pass
 
 
 @functools.cache
@@ -97,16 +141,30 @@ def _hints(message_type: type[betterproto2.Message]) -> dict[str, Any]:
     return typing.get_type_hints(message_type)
 
 
+@functools.cache
+def _fields(
+    message_type: type[betterproto2.Message],
+) -> tuple[tuple[str, str, _Check, str | None], ...]:
+    """(name, where, check, oneof group) of each field of ``message_type``."""
+    return tuple(
+        (
+            field.name,
+            f"{message_type.__name__}.{field.name}",
+            _checker(_hints(message_type)[field.name]),
+            field.metadata["betterproto"].group,
+        )
+        for field in dataclasses.fields(message_type)  # type: ignore[arg-type]
+    )
+
+
 def _check_message(message: betterproto2.Message) -> None:
     message_type = type(message)
     groups: dict[str, list[str]] = {}
-    for field in dataclasses.fields(message):  # type: ignore[arg-type]
-        where = f"{message_type.__name__}.{field.name}"
-        value = getattr(message, field.name)
-        _check_value(value, _hints(message_type)[field.name], where)
-        group = field.metadata["betterproto"].group
+    for name, where, check, group in _fields(message_type):
+        value = getattr(message, name)
+        check(value, where)
         if group is not None and value is not None:
-            groups.setdefault(group, []).append(field.name)
+            groups.setdefault(group, []).append(name)
     for group, members in groups.items():
         if len(members) > 1:
             # PROTOCOL 2.5: rejected, where protobuf would keep the last member.

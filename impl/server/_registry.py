@@ -274,6 +274,9 @@ class ContainerRecord:
     def __init__(self, container_id: str) -> None:
         self.container_id = container_id
         self.execs: dict[str, ExecRecord] = {}  # registration order
+        #: How many of ``execs`` have not exited: kept, not counted per registration, which
+        #: would cost a pass over every retained exec of the container.
+        self.live = 0
         self.paused = False
 
     @property
@@ -374,14 +377,12 @@ class Registry:
                 f"the server runs {self._live_count} execs that have not exited, its limit "
                 "(max_execs)",
             )
-        if container is not None:
-            live = sum(1 for e in container.execs.values() if e.exited_at is None)
-            if live >= self.limits.max_execs_per_container:
-                raise ExecError(
-                    ErrorCode.RESOURCE_EXHAUSTED,
-                    f"container {container_id!r} runs {live} execs that have not exited, the "
-                    "limit (max_execs_per_container)",
-                )
+        if container is not None and container.live >= self.limits.max_execs_per_container:
+            raise ExecError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"container {container_id!r} runs {container.live} execs that have not exited, "
+                "the limit (max_execs_per_container)",
+            )
         now = self.clock.wall_ns()
         if container is None:
             container = self._containers[container_id] = ContainerRecord(container_id)
@@ -395,6 +396,7 @@ class Registry:
         )
         record = ExecRecord(container, exec_id, tty=tty, log=log, registered_at_ns=now)
         container.execs[exec_id] = record
+        container.live += 1
         self._live_count += 1
         self.events.emit(now, container_id, exec_id, "registered", record.state.value)
         return record
@@ -414,6 +416,7 @@ class Registry:
         self._move(record, ExecInput.EXIT)
         record.finished_at_ns = self.clock.wall_ns()
         record.exited_at = self.clock.monotonic()
+        record.container.live -= 1
         self._live_count -= 1
         self._exited[record] = None
         # The clients still reading keep sharing the cached chunks until the last one leaves.
@@ -436,6 +439,7 @@ class Registry:
         container = record.container
         del container.execs[record.exec_id]
         if record.exited_at is None:
+            container.live -= 1
             self._live_count -= 1
         else:
             del self._exited[record]

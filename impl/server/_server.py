@@ -350,15 +350,23 @@ class RetentionSweeper:
         self._sweep_soon: asyncio.Handle | None = None
 
     def sweep(self) -> int:
-        self._sweep_soon = None
         expired = self._registry.expired(self.retention)
         expired += [r for r in self._registry.over_exited_bound() if r not in expired]
-        for record in expired:
+        return self._remove_all(expired)
+
+    def _sweep_over_bound(self) -> None:
+        # Only the bound: once the server retains its maximum, this runs for every exit, and
+        # looking for expired execs is a pass over all of them (the periodic sweep's job).
+        self._sweep_soon = None
+        self._remove_all(self._registry.over_exited_bound())
+
+    def _remove_all(self, records: list[ExecRecord]) -> int:
+        for record in records:
             try:
                 self._remove(record)
             except Exception:
                 log.exception("could not remove %r", record)
-        return len(expired)
+        return len(records)
 
     async def _run(self) -> None:
         while True:
@@ -369,7 +377,7 @@ class RetentionSweeper:
         # Called inside the registry's transition: removal waits for the next loop turn.
         loop = self._loop
         if loop is not None and self._sweep_soon is None and self._registry.over_exited_bound():
-            self._sweep_soon = loop.call_soon(self.sweep)
+            self._sweep_soon = loop.call_soon(self._sweep_over_bound)
 
     def start(self) -> None:
         if self._task is None:

@@ -8,6 +8,7 @@ exec (11.2).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,9 @@ def stream_data(handle: ExecHandle, stream: Stream) -> bytes:
 
 
 def stored_files(tmp_path: Path, container_id: str, exec_id: str) -> list[Path]:
-    return sorted((tmp_path / "logs" / container_id / exec_id).glob("*.seg"))
+    name = re.compile(re.escape(exec_id) + r"\.[0-9]+\.[0-9]+\.seg")  # EXEC.SERIAL.NNNNNNNN.seg
+    directory = tmp_path / "logs" / container_id
+    return sorted(f for f in directory.glob("*.seg") if name.fullmatch(f.name))
 
 
 def event_types(registry: Registry) -> list[tuple[str, str]]:
@@ -340,20 +343,19 @@ def test_unregister_forgets_everything(
     handle.exit(0)
     other.stdout.write(b"other")
     record = handle.record
-    tee = tmp_path / "logs" / "c1" / "e1"
-    assert tee.is_dir()
+    assert stored_files(tmp_path, "c1", "e1")
     handle.unregister()
     assert record.state is ExecState.REMOVED
     assert registry.find("c1", "e1") is None
     with pytest.raises(ExecError) as caught:
         registry.get("c1", "e1")
     assert caught.value.code is ErrorCode.NOT_FOUND
-    assert not tee.exists()
+    assert not stored_files(tmp_path, "c1", "e1")
     with pytest.raises(KeyError):
         executor.handle(record)
     # The other exec of the container is untouched.
     assert executor.handle(other.record) is other
-    assert (tmp_path / "logs" / "c1" / "e2").is_dir()
+    assert stored_files(tmp_path, "c1", "e2")
     assert event_types(registry)[-1] == ("unregistered", "e1")
 
 

@@ -246,7 +246,7 @@ def test_removal_destroys_the_stored_output(clock: FakeClock, tmp_path: Path) ->
     registry = Registry(Limits(), clock, storage=DirectoryArea(tmp_path))
     record = registry.register("c1", "e1")
     record.log.append(Stream.STDOUT, b"kept until removed", 1)
-    assert list((tmp_path / "c1" / "e1").iterdir())
+    assert list((tmp_path / "c1").glob("e1.*.seg"))
     registry.mark_started(record)
     registry.mark_exited(record, 0)
     registry.remove(record)
@@ -312,6 +312,23 @@ def test_max_execs_per_container(clock: FakeClock) -> None:
     assert snapshot(registry) == before
     assert list(registry.container("c1").execs) == ["e1", "e2"]
     registry.register("c2", "e3")  # other containers are unaffected
+
+
+def test_removing_a_live_exec_frees_its_place_in_the_container(clock: FakeClock) -> None:
+    """The per-container count follows every way an exec stops being live: exit, and
+    removal before exit (a failed spawn is unregistered while pending)."""
+    registry = Registry(Limits(max_execs_per_container=2), clock)
+    pending = registry.register("c1", "pending")
+    running(registry, "c1", "live")
+    registry.remove(pending)
+    registry.register("c1", "again")
+    with expect_error(ErrorCode.RESOURCE_EXHAUSTED, "max_execs_per_container", "2 execs"):
+        registry.register("c1", "third")
+    registry.remove(registry.get("c1", "live"))  # removed while running
+    registry.mark_exited(registry.get("c1", "again"), 0)
+    running(registry, "c1", "one")
+    running(registry, "c1", "two")
+    assert registry.container("c1").live == 2
 
 
 def test_exited_execs_do_not_count_against_limits(clock: FakeClock) -> None:
@@ -796,9 +813,35 @@ def test_output_of_a_removed_exec_stays_for_the_clients_still_reading_it(
         assert read.gap_before == 0
         got += read.items
     assert [c.data[0] for c in got] == list(range(50))
-    assert (tmp_path / "c1" / "e1").is_dir()
+    assert list((tmp_path / "c1").glob("e1.*.seg"))
     registry.detach(record)
     assert not (tmp_path / "c1").exists()
+
+
+def test_a_new_exec_with_the_ids_of_a_removed_one_still_read_has_files_of_its_own(
+    clock: FakeClock, tmp_path: Path
+) -> None:
+    """PROTOCOL 11.2: the IDs are free again at once, while a client still reads the removed
+    exec's output: neither exec's output is mixed with, or removed with, the other's."""
+    registry = Registry(Limits(memory_cache_bytes=65536), clock, storage=DirectoryArea(tmp_path))
+    old = registry.register("c1", "e1")
+    registry.mark_started(old)
+    for i in range(20):
+        old.log.append(Stream.STDOUT, bytes([i]) * 10_000, i)
+    registry.mark_exited(old, 0)
+    slow = registry.attach(old, 0)
+    registry.remove(old)
+    new = registry.register("c1", "e1")
+    registry.mark_started(new)
+    for i in range(20):
+        new.log.append(Stream.STDOUT, bytes([100 + i]) * 10_000, i)
+    registry.mark_exited(new, 0)
+    got = []
+    while not slow.caught_up:
+        got += slow.read(max_cost=30_000).items
+    assert [c.data[0] for c in got] == list(range(20))
+    registry.detach(old)
+    assert [c.data[0] for c in new.log.read(0, max_cost=1 << 30).items] == list(range(100, 120))
 
 
 def test_an_event_goes_only_to_the_subscriptions_it_matches(registry: Registry) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import shutil
 import tracemalloc
 from collections.abc import Iterator, Sequence
@@ -79,7 +80,9 @@ def read_all(log: ExecLog, from_sequence: int = 0, max_cost: int | None = None) 
 
 
 def segment_files(tmp_path: Path, exec_id: str = "e1") -> list[Path]:
-    return sorted((tmp_path / "logs" / "c1" / exec_id).glob("*.seg"))
+    # EXEC.SERIAL.NNNNNNNN.seg: the digits tell one exec's files from those of "EXEC.more"
+    name = re.compile(re.escape(exec_id) + r"\.[0-9]+\.[0-9]+\.seg")
+    return sorted(f for f in (tmp_path / "logs" / "c1").glob("*.seg") if name.fullmatch(f.name))
 
 
 # -- every chunk back from storage ----------------------------------------------------------
@@ -157,7 +160,8 @@ def test_eviction_removes_whole_segment_files_oldest_first(tmp_path: Path) -> No
     on_disk = sum(f.stat().st_size for f in files)
     assert on_disk == log.stored_bytes <= limit
     assert on_disk > limit - limit // 8 - MAX_CHUNK - HEADER.size
-    assert [int(f.stem) for f in files] == sorted(int(f.stem) for f in files)
+    numbers = [int(f.name.split(".")[2]) for f in files]
+    assert numbers == sorted(numbers)
     read = log.read(0, max_cost=1 << 40)
     first = log.first_sequence
     assert read.gap_before == first - 1
@@ -171,6 +175,30 @@ def test_destroy_removes_the_exec_directory(tmp_path: Path) -> None:
     log.close(0)
     log.destroy()
     assert not (tmp_path / "logs" / "c1").exists()
+
+
+def test_execs_of_a_container_share_its_directory_not_their_files(tmp_path: Path) -> None:
+    """Exec IDs may hold dots: one that looks like another's segment file name still gets
+    files of its own, and removing either leaves the other's output whole."""
+    first, second = disk_log(tmp_path, "a", limit=4 * MIB), disk_log(tmp_path, "a.1")
+    first_chunks = write_random(first, 6 * MIB, seed=9)  # several segments, some evicted
+    second_chunks = write_random(second, MIB, seed=10)
+    assert segment_files(tmp_path, "a") and segment_files(tmp_path, "a.1")
+    first.close(0)
+    second.close(0)
+    first.destroy()
+    assert not segment_files(tmp_path, "a")
+    assert read_all(second) == second_chunks
+    assert first_chunks
+    second.destroy()
+    assert not (tmp_path / "logs" / "c1").exists()
+
+
+def test_an_exec_without_output_makes_no_directory(tmp_path: Path) -> None:
+    log = disk_log(tmp_path)
+    log.close(0)
+    log.destroy()
+    assert not (tmp_path / "logs").exists()
 
 
 def test_only_two_descriptors_per_log(tmp_path: Path) -> None:

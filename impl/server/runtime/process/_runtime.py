@@ -344,7 +344,10 @@ class ProcessRuntime:
             return  # reaped by the call below (reap_if_exited): that call notes it too
         self._noting = True
         try:
-            unknown_zombie = reap_exited_mains(self._all_execs(), self._forking)
+            # Lazily: it looks at the execs only when another zombie waits (a burst), and a
+            # list per exit would cost a pass over every retained exec.
+            execs = itertools.chain(self._execs.values(), self._graveyard)
+            unknown_zombie = reap_exited_mains(execs, self._forking)
             exits, self._exits = self._exits, []
             # Record the main process's descendants now, while they are alive and findable:
             # re-parented and dead, an escaped one could no longer be told apart.
