@@ -36,6 +36,7 @@ from ._cli_client import (  # noqa: E402
 )
 from .server import BindError, ExecServer, Limits, ServerSettings, SettingError  # noqa: E402
 from .server._server import RUNTIMES  # noqa: E402
+from .server.runtime.process._spawn import handle_ignored_signals  # noqa: E402
 from .server.runtime.runc import RuntimeUnavailable  # noqa: E402
 
 __all__ = ["build_parser", "main"]
@@ -268,6 +269,9 @@ async def _serve_async(args: argparse.Namespace) -> int:
         runtime=args.runtime,
         rootfs=args.rootfs,
     )
+    # Signals this process was started ignoring (a shell's `&`, nohup) stay ignored in
+    # effect, but execs no longer inherit them, so spawning needs no trampoline.
+    handle_ignored_signals()
     server = ExecServer(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

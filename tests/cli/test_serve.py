@@ -339,3 +339,30 @@ async def test_execs_of_a_nohup_server_get_sighup(serve_cli) -> None:  # type: i
                     return response.exit
 
     assert await asyncio.wait_for(hup(), 20) == 128 + signal.SIGHUP
+
+
+async def test_a_server_started_ignoring_signals_goes_on_ignoring_them_alone(serve_cli) -> None:  # type: ignore[no-untyped-def]
+    """A shell's ``&`` and ``nohup`` start the server with signals ignored.  It goes on
+    ignoring them, but as handled signals, which exec(2) resets: its execs start with the
+    default action (PROTOCOL 10.4) with nothing ignored left to reset before each exec."""
+
+    def ignore() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+
+    served = serve_cli("--listen", "127.0.0.1:0", preexec=ignore)
+    pid = served.process.pid
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    mask = (1 << (signal.SIGHUP - 1)) | (1 << (signal.SIGQUIT - 1))
+    assert int(fields["SigIgn"], 16) & mask == 0
+    assert int(fields["SigCgt"], 16) & mask == mask
+    os.kill(pid, signal.SIGHUP)
+    os.kill(pid, signal.SIGQUIT)
+    # dash keeps a signal it was started ignoring ignored: only a default one ends it here.
+    assert await _run(served.address, ["sh", "-c", "kill -HUP $$; sleep 30"]) == 128 + 1
+    assert await _run(served.address, ["sh", "-c", "kill -QUIT $$; sleep 30"]) == 128 + 3
+    assert served.process.poll() is None  # the hangup and the quit were ignored
+    code, _ = served.stop()
+    assert code == 0
