@@ -10,7 +10,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterable, Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import TYPE_CHECKING
 
 from ..._errors import ErrorCode, ExecError
@@ -56,19 +56,24 @@ def end_leftovers(token: str) -> int:
     return len(killed)
 
 
-def reap_exited_mains(execs: Iterable[ProcessExec], forking: Set[int]) -> bool | None:
+def reap_exited_mains(
+    execs: Iterable[ProcessExec], forking: Set[int], forks_under_way: Callable[[], bool]
+) -> bool | None:
     """Reap the main processes of ``execs`` that exited and whose pidfd callback has not run
     yet (many execs end together in a burst); whether a zombie child is left that is none of
     them: an orphan, which only a scan can attribute.  None when that cannot be told: the
-    zombie in view is the main process of an exec still being spawned (``forking``), which
-    only its own exec may reap."""
+    zombie in view is the main process of an exec still being spawned (``forking``), or may
+    be the child of a fork under way whose pid is not known yet (asked after the zombie was
+    seen: the spawner counts a fork before it forks), which only its own exec may reap."""
     mains: dict[int, ProcessExec] | None = None
     while (pid := first_zombie_child()) is not None:
         if mains is None:
             mains = {proc.pid: proc for proc in execs if proc.exit_code is None}
         main = mains.pop(pid, None)
         if main is None:
-            return None if pid in forking else True
+            # The spawner adds the pid before it uncounts the fork: asked in the other order,
+            # a fork finishing in between would be missed by both.
+            return None if forks_under_way() or pid in forking else True
         if not main.reap_if_exited():
             return True
     return False

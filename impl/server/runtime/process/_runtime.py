@@ -78,6 +78,8 @@ class ProcessRuntime:
         self._exec_counts: dict[str, int] = {}
         self._spawning: set[tuple[str, str]] = set()  # forking on the spawner thread
         self._forking: set[int] = set()  # their pids, once forked (added on that thread)
+        #: Forks under way: a child may exit, and be a zombie, before its pid is in _forking.
+        self._in_fork = 0
         #: Released execs whose processes, zombies or cgroup are not gone yet.
         self._graveyard: set[ProcessExec] = set()
         #: Execs whose main process was reaped, waiting for :meth:`note_exit` to look at them.
@@ -135,8 +137,14 @@ class ProcessRuntime:
         )
 
         def fork(group: Path | None) -> Spawned:
-            spawned = start(group)
-            self._forking.add(spawned.popen.pid)
+            # Counted before the child exists, uncounted once its pid is known: a zombie no
+            # exec owns is never taken for an orphan while it may be this child.
+            self._in_fork += 1
+            try:
+                spawned = start(group)
+                self._forking.add(spawned.popen.pid)
+            finally:
+                self._in_fork -= 1
             return spawned
 
         # Counted from now: releasing a sibling meanwhile must not remove the directory.
@@ -347,7 +355,7 @@ class ProcessRuntime:
             # Lazily: it looks at the execs only when another zombie waits (a burst), and a
             # list per exit would cost a pass over every retained exec.
             execs = itertools.chain(self._execs.values(), self._graveyard)
-            unknown_zombie = reap_exited_mains(execs, self._forking)
+            unknown_zombie = reap_exited_mains(execs, self._forking, self._forks_under_way)
             exits, self._exits = self._exits, []
             # Record the main process's descendants now, while they are alive and findable:
             # re-parented and dead, an escaped one could no longer be told apart.
@@ -366,6 +374,9 @@ class ProcessRuntime:
             log.exception("scanning the processes of %s failed", proc.label)
         finally:
             self._noting = False
+
+    def _forks_under_way(self) -> bool:
+        return self._in_fork > 0
 
     def _nothing_left(self, proc: ProcessExec) -> bool:
         """Whether the freezer alone shows that no process of ``proc`` is alive: its main
