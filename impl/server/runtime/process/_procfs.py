@@ -9,7 +9,7 @@ import contextlib
 import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -23,6 +23,7 @@ __all__ = [
     "boot_seconds",
     "cgroup_mount",
     "cpu_percent",
+    "live_usage",
     "memory_limit",
     "read_io",
     "read_stat",
@@ -115,6 +116,26 @@ def read_io(pid: int) -> tuple[int, int]:
         written = int(counters["write_bytes"]) - int(counters.get("cancelled_write_bytes", 0))
         return int(counters["read_bytes"]), max(0, written)
     return int(counters.get("rchar", 0)), int(counters.get("wchar", 0))
+
+
+def live_usage(
+    stats: Mapping[int, ProcStat], pids: Iterable[int]
+) -> tuple[float, int, list[int], int, int]:
+    """What ``pids`` (found in ``stats``, zombies included) use: CPU ticks, resident bytes
+    and the live pids among them, and bytes read and written."""
+    ticks = 0.0
+    rss = read = written = 0
+    live = []
+    for pid in pids:
+        st = stats[pid]
+        ticks += st.cpu_ticks
+        if st.alive:
+            live.append(pid)
+            rss += st.rss_pages * PAGE_SIZE
+            r, w = read_io(pid)
+            read += r
+            written += w
+    return ticks, rss, live, read, written
 
 
 def boot_seconds() -> float:

@@ -24,7 +24,7 @@ from .._base import ExecSpec, OutputSink, ResourceSample, in_scope, refused_spaw
 from ._exec import ProcessExec
 from ._finder import ProcessFinder, reap_exited_mains
 from ._freezer import Freezer
-from ._procfs import PAGE_SIZE, ProcStat, cpu_percent, memory_limit, read_io, scan_proc
+from ._procfs import ProcStat, cpu_percent, live_usage, memory_limit, scan_proc
 from ._spawn import (
     DISCARD,
     Spawned,
@@ -78,8 +78,7 @@ class ProcessRuntime:
         self._exec_counts: dict[str, int] = {}
         self._spawning: set[tuple[str, str]] = set()  # forking on the spawner thread
         self._forking: set[int] = set()  # their pids, once forked (added on that thread)
-        #: Forks under way: a child may exit, and be a zombie, before its pid is in _forking.
-        self._in_fork = 0
+        self._in_fork = 0  # forks under way: their children may be zombies before the above
         #: Released execs whose processes, zombies or cgroup are not gone yet.
         self._graveyard: set[ProcessExec] = set()
         #: Execs whose main process was reaped, waiting for :meth:`note_exit` to look at them.
@@ -137,9 +136,7 @@ class ProcessRuntime:
         )
 
         def fork(group: Path | None) -> Spawned:
-            # Counted before the child exists, uncounted once its pid is known: a zombie no
-            # exec owns is never taken for an orphan while it may be this child.
-            self._in_fork += 1
+            self._in_fork += 1  # before the child exists (see reap_exited_mains)
             try:
                 spawned = start(group)
                 self._forking.add(spawned.popen.pid)
@@ -250,21 +247,10 @@ class ProcessRuntime:
         execs = self._scope(container_id, exec_id)
         stats = scan_proc()
         found = self._finder.members(stats, execs)
-        ticks = sum(proc.reaped.cpu_ticks for proc in execs)
-        read = sum(proc.reaped.read_bytes for proc in execs)
-        written = sum(proc.reaped.write_bytes for proc in execs)
-        rss = 0
-        live = []
-        for pids in found.values():
-            for pid in pids:
-                st = stats[pid]
-                ticks += st.cpu_ticks
-                if st.alive:
-                    live.append(pid)
-                    rss += st.rss_pages * PAGE_SIZE
-                    r, w = read_io(pid)
-                    read += r
-                    written += w
+        ticks, rss, live, read, written = live_usage(stats, itertools.chain(*found.values()))
+        ticks += sum(proc.reaped.cpu_ticks for proc in execs)
+        read += sum(proc.reaped.read_bytes for proc in execs)
+        written += sum(proc.reaped.write_bytes for proc in execs)
         return ResourceSample(
             cpu_percent=cpu_percent(
                 self._cpu_windows,
@@ -355,7 +341,7 @@ class ProcessRuntime:
             # Lazily: it looks at the execs only when another zombie waits (a burst), and a
             # list per exit would cost a pass over every retained exec.
             execs = itertools.chain(self._execs.values(), self._graveyard)
-            unknown_zombie = reap_exited_mains(execs, self._forking, self._forks_under_way)
+            unknown_zombie = reap_exited_mains(execs, self._forking, lambda: self._in_fork > 0)
             exits, self._exits = self._exits, []
             # Record the main process's descendants now, while they are alive and findable:
             # re-parented and dead, an escaped one could no longer be told apart.
@@ -374,9 +360,6 @@ class ProcessRuntime:
             log.exception("scanning the processes of %s failed", proc.label)
         finally:
             self._noting = False
-
-    def _forks_under_way(self) -> bool:
-        return self._in_fork > 0
 
     def _nothing_left(self, proc: ProcessExec) -> bool:
         """Whether the freezer alone shows that no process of ``proc`` is alive: its main
