@@ -8,7 +8,6 @@ workload must have written.  Every request and the stream's outcome go to the ca
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -172,8 +171,12 @@ class SessionClient:
 
     async def half_close(self) -> None:
         self.ctx.log(f"-> {self.label}: half-close")
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        try:
             await self.call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
+            # A half-close that meets the server's end of the call loses its status just as
+            # a write does (status_lost).
+            self.send_errors.append(f"{type(error).__name__}: {error}")
 
     def cancel(self) -> None:
         self.ctx.log(f"-> {self.label}: cancel")
@@ -189,9 +192,10 @@ class SessionClient:
 
     @property
     def status_lost(self) -> bool:
-        """The server ended the call while the request was being sent, and grpc-python then
-        reports ``INTERNAL "Internal error from Core"`` locally instead of the server's
-        status (grpc.aio ``_write``): what the server said is unknown, not wrong."""
+        """The server ended the call while a request or the half-close was being sent, and
+        grpc-python then reports ``INTERNAL "Internal error from Core"`` locally instead of
+        the server's status (grpc.aio ``_write``, ``done_writing``; grpc/grpc#36066): what
+        the server said is unknown, not wrong."""
         return (
             self.code is grpc.StatusCode.INTERNAL
             and self.details == "Internal error from Core"
