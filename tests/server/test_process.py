@@ -1021,6 +1021,28 @@ async def test_execs_start_with_default_signals_and_an_empty_mask(
     assert _signal_state(run.stdout.text.replace("\r\n", "\n")) == {"SigIgn": 0, "SigBlk": 0}
 
 
+def test_ignored_signals_handled_instead_need_no_trampoline() -> None:
+    """What ``execstream serve`` does at start: signals it was started ignoring, named or
+    real-time, get a handler that does nothing, and spawning then needs no trampoline."""
+    realtime = signal.SIGRTMIN + 6  # no name in signal.Signals
+    previous = {
+        signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGHUP, realtime)
+    }
+    changed: list[int] = []
+    try:
+        assert _spawn.clean_signals_prefix() != ()
+        changed = _spawn.handle_ignored_signals()
+        assert {signal.SIGHUP, realtime} <= set(changed)
+        assert signal.SIGPIPE not in changed  # Popen restores it itself
+        assert _spawn.clean_signals_prefix() == ()
+        os.kill(os.getpid(), signal.SIGHUP)  # handled by doing nothing: still alive
+    finally:
+        for signum in changed:  # others this process was started ignoring, as they were
+            signal.signal(signum, signal.SIG_IGN)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 @pytest.mark.parametrize("source", ["proc", "signal module"])
 def test_clean_server_signal_state_needs_no_trampoline(
     source: str, monkeypatch: pytest.MonkeyPatch

@@ -110,7 +110,7 @@ def clean_signals_prefix() -> tuple[str, ...]:
     return ()
 
 
-def handle_ignored_signals() -> list[signal.Signals]:
+def handle_ignored_signals() -> list[int]:
     """Give each signal this process ignores, but Popen does not restore, a handler that does
     nothing; the signals changed.
 
@@ -123,7 +123,7 @@ def handle_ignored_signals() -> list[signal.Signals]:
     the process is handled too, so its children are kept for ``wait4`` rather than reaped by
     the kernel.  Main thread only (``signal.signal``); for a process of its own, such as
     ``execstream serve``, never for an embedding engine's."""
-    changed = []
+    changed: list[int] = []
     for signum in signal.valid_signals():
         if signum in RESTORED_BY_POPEN or signum in (signal.SIGKILL, signal.SIGSTOP):
             continue
@@ -133,7 +133,7 @@ def handle_ignored_signals() -> list[signal.Signals]:
             signal.signal(signum, _ignore)
         except (OSError, ValueError):  # a signal Python may not handle
             continue
-        changed.append(signal.Signals(signum))
+        changed.append(signum)  # a number: most real-time signals have no name
     return changed
 
 
