@@ -16,7 +16,7 @@ import secrets
 import shutil
 import signal
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from ..._errors import ErrorCode, ExecError
@@ -325,8 +325,10 @@ class ProcessRuntime:
     def _has_execs(self, container_id: str) -> bool:
         return container_id in self._exec_counts
 
-    def _all_execs(self) -> list[ProcessExec]:
-        return [*self._execs.values(), *self._graveyard]
+    def _all_execs(self) -> Iterator[ProcessExec]:
+        """Lazily: a caller that may not look at them (an exit with no other zombie
+        waiting) costs no pass over every retained exec."""
+        return itertools.chain(self._execs.values(), self._graveyard)
 
     def _scope(self, container_id: str, exec_id: str | None = None) -> list[ProcessExec]:
         return in_scope(self._execs, container_id, exec_id)
@@ -338,10 +340,9 @@ class ProcessRuntime:
             return  # reaped by the call below (reap_if_exited): that call notes it too
         self._noting = True
         try:
-            # Lazily: it looks at the execs only when another zombie waits (a burst), and a
-            # list per exit would cost a pass over every retained exec.
-            execs = itertools.chain(self._execs.values(), self._graveyard)
-            unknown_zombie = reap_exited_mains(execs, self._forking, lambda: self._in_fork > 0)
+            unknown_zombie = reap_exited_mains(
+                self._all_execs(), self._forking, lambda: self._in_fork > 0
+            )
             exits, self._exits = self._exits, []
             # Record the main process's descendants now, while they are alive and findable:
             # re-parented and dead, an escaped one could no longer be told apart.
@@ -440,7 +441,7 @@ class ProcessRuntime:
 
     def _sweep(self, stats: Mapping[int, ProcStat] | None = None) -> None:
         """Record escaped descendants, finish off released execs, reap orphans."""
-        execs = self._all_execs()
+        execs = list(self._all_execs())
         if not execs:
             return
         if stats is None:
