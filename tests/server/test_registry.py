@@ -792,17 +792,23 @@ def test_attach_after_exit_sees_exit_code(registry: Registry) -> None:
     assert record.log.exit_code == 3
 
 
+def ran(registry: Registry, exec_id: str, marks: range) -> ExecRecord:
+    """Exec ``c1/exec_id``, started and exited after writing a 10,000-byte chunk of each
+    byte in ``marks``."""
+    record = running(registry, "c1", exec_id)
+    for i, mark in enumerate(marks):
+        record.log.append(Stream.STDOUT, bytes([mark]) * 10_000, i)
+    registry.mark_exited(record, 0)
+    return record
+
+
 def test_output_of_a_removed_exec_stays_for_the_clients_still_reading_it(
     clock: FakeClock, tmp_path: Path
 ) -> None:
     """PROTOCOL 6.7 and 11.2: removal makes the exec NOT_FOUND at once, but a client already
     attached and behind still reads every chunk; the files go with the last client."""
     registry = Registry(Limits(memory_cache_bytes=65536), clock, storage=DirectoryArea(tmp_path))
-    record = registry.register("c1", "e1")
-    registry.mark_started(record)
-    for i in range(50):
-        record.log.append(Stream.STDOUT, bytes([i]) * 10_000, i)
-    registry.mark_exited(record, 0)
+    record = ran(registry, "e1", range(50))
     slow = registry.attach(record, 0)
     registry.remove(record)
     with expect_error(ErrorCode.NOT_FOUND):
@@ -824,18 +830,10 @@ def test_a_new_exec_with_the_ids_of_a_removed_one_still_read_has_files_of_its_ow
     """PROTOCOL 11.2: the IDs are free again at once, while a client still reads the removed
     exec's output: neither exec's output is mixed with, or removed with, the other's."""
     registry = Registry(Limits(memory_cache_bytes=65536), clock, storage=DirectoryArea(tmp_path))
-    old = registry.register("c1", "e1")
-    registry.mark_started(old)
-    for i in range(20):
-        old.log.append(Stream.STDOUT, bytes([i]) * 10_000, i)
-    registry.mark_exited(old, 0)
+    old = ran(registry, "e1", range(20))
     slow = registry.attach(old, 0)
     registry.remove(old)
-    new = registry.register("c1", "e1")
-    registry.mark_started(new)
-    for i in range(20):
-        new.log.append(Stream.STDOUT, bytes([100 + i]) * 10_000, i)
-    registry.mark_exited(new, 0)
+    new = ran(registry, "e1", range(100, 120))
     got = []
     while not slow.caught_up:
         got += slow.read(max_cost=30_000).items
