@@ -21,6 +21,7 @@ import grpc
 import grpc.aio
 
 from execstream import wire
+from execstream.client._exec import _HIDDEN_STATUS_TRIES, _status_hidden_by_write
 from execstream.conformance import Target
 from execstream.server import Limits
 from execstream.server.testing import serve
@@ -143,25 +144,24 @@ class MangleProxy:
     async def Session(
         self, request_iterator: AsyncIterator[wire.SessionRequest], context: _Ctx
     ) -> AsyncIterator[wire.SessionResponse]:
-        call = self.upstream.Session(metadata=self._metadata(context))
-        state = SessionState(call=call, context=context)
+        state = SessionState(context=context)
         failure: list[tuple[grpc.StatusCode, str]] = []
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is not None:
+            try:
+                self.first_request(state, first)
+            except AbortWith as abort:
+                await context.abort(abort.code, abort.details)
+            if first.start is not None:
+                state.start = first.start
+                state.key = (first.start.container_id, first.start.exec_id)
+                self.sessions.setdefault(state.key, []).append(state)
+        call = await self._open_upstream(first, self._metadata(context))
+        state.call = call
 
         async def pump() -> None:
-            first = True
-            async for request in request_iterator:
-                if first:
-                    first = False
-                    try:
-                        self.first_request(state, request)
-                    except AbortWith as abort:
-                        failure.append((abort.code, abort.details))
-                        call.cancel()
-                        return
-                    if request.start is not None:
-                        state.start = request.start
-                        state.key = (request.start.container_id, request.start.exec_id)
-                        self.sessions.setdefault(state.key, []).append(state)
+            async for request in requests:
                 await call.write(request)
             await call.done_writing()
 
@@ -222,6 +222,26 @@ class MangleProxy:
                 self.sessions[state.key].remove(state)
         if failure:
             await context.abort(*failure[0])
+
+    async def _open_upstream(
+        self, first: wire.SessionRequest | None, metadata: tuple[tuple[str, str], ...]
+    ) -> grpc.aio.StreamStreamCall[wire.SessionRequest, wire.SessionResponse]:
+        """The upstream Session, with the client's first request written.  When that write
+        fails, the reference server ended the call before reading it (a refused token), and
+        grpc.aio may have put ``INTERNAL "Internal error from Core"`` in place of its status
+        for good (grpc/grpc#36066).  Forwarding that would blame the server for grpc, so the
+        call is opened again to learn the status, as the client library does."""
+        for _ in range(_HIDDEN_STATUS_TRIES):
+            call = self.upstream.Session(metadata=metadata)
+            if first is None:
+                break
+            try:
+                await call.write(first)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
+                if isinstance(error, grpc.aio.AioRpcError) and _status_hidden_by_write(error):
+                    continue
+            break
+        return call
 
     async def ContainerLifecycle(
         self, request: wire.ContainerLifecycleRequest, context: _Ctx
