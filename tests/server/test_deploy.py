@@ -23,6 +23,7 @@ import trustme
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
+from sessions import REFUSAL_TRIES, hidden_by_grpc
 
 from execstream import wire
 from execstream.client import AsyncExecClient, Output, Unavailable
@@ -346,8 +347,14 @@ async def _session(
     async with grpc.aio.insecure_channel(
         address, options=[("grpc.max_send_message_length", -1)]
     ) as channel:
-        call = wire.ExecStub(channel).Session(sent(), metadata=metadata, timeout=TIMEOUT)
-        return [response async for response in call]
+        for tries_left in reversed(range(REFUSAL_TRIES)):
+            call = wire.ExecStub(channel).Session(sent(), metadata=metadata, timeout=TIMEOUT)
+            try:
+                return [response async for response in call]
+            except grpc.aio.AioRpcError as error:
+                if not (tries_left and hidden_by_grpc(error)):
+                    raise
+    raise AssertionError("not reached: the last try returns or raises")
 
 
 def _start(command: list[str]) -> wire.SessionRequest:
