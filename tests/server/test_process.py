@@ -798,18 +798,43 @@ async def test_a_zombie_that_may_be_a_child_being_forked_is_not_taken_for_an_orp
         child.wait()
 
 
-async def test_exits_with_nothing_left_need_no_scan(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With the freezer, an exit that leaves nothing behind costs no /proc scan, even when
-    other execs' main processes wait to be reaped; an orphan zombie is still reaped."""
-    rt = ProcessRuntime(tmp_path / "state", cgroup_freezer=True)
+def test_own_children_lists_every_thread_s_children_until_reaped() -> None:
+    if (before := _procfs.own_children()) is None:
+        pytest.skip("the kernel keeps no list of children (CONFIG_PROC_CHILDREN)")
+    here = subprocess.Popen(["sleep", "30"])
+    there: list[subprocess.Popen[bytes]] = []
+    forker = threading.Thread(target=lambda: there.append(subprocess.Popen(["true"])))
+    forker.start()
+    forker.join()  # ended: its child moved to a thread that is still there
     try:
-        assert rt.pause_method == "freezer"
+        assert {here.pid, there[0].pid} <= (_procfs.own_children() or set())
+    finally:
+        here.kill()
+        here.wait()
+        there[0].wait()
+    assert _procfs.own_children() == before - {here.pid, there[0].pid}
+
+
+@pytest.mark.parametrize("mode", ["freezer", "signals"])
+async def test_exits_with_nothing_left_need_no_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """An exit that leaves nothing behind costs no /proc scan, even when other execs' main
+    processes wait to be reaped: the freezer group is empty, or (signals) the server has no
+    child but live execs' main processes.  An exit that leaves a process or an orphan zombie
+    behind is still scanned: the process is recorded and the zombie reaped."""
+    rt = ProcessRuntime(tmp_path / "state", cgroup_freezer=mode == "freezer")
+    try:
+        assert rt.pause_method == mode
     except RuntimeError as exc:
         pytest.skip(str(exc))
     if _spawn.first_zombie_child() is not None:
         pytest.skip("a zombie child of the test process that no exec knows would need a scan")
+    if mode == "signals":
+        if (children := _procfs.own_children()) is None:
+            pytest.skip("the kernel keeps no list of children (CONFIG_PROC_CHILDREN)")
+        if children:
+            pytest.skip(f"children of the test process that no exec knows need a scan: {children}")
     scans_in_note_exit = 0
     noting = False
     scan, note_exit = _runtime.scan_proc, rt.note_exit
@@ -836,12 +861,19 @@ async def test_exits_with_nothing_left_need_no_scan(
         # Later scans pass them by.  Not all: an exit seen while the next exec was being
         # forked stays undecided (its zombie could be that exec's), and costs no scan either.
         assert any(run.proc.ended for run in runs)
+        escaped = await start(rt, ["sh", "-c", "setsid sleep 30 & echo $!"])
+        assert await escaped.wait() == 0
+        assert scans_in_note_exit == 1
+        (sleeper,) = escaped.pids()
+        assert sleeper in escaped.proc.known and not escaped.proc.ended
         zombie = await start(rt, ["sh", "-c", "true & echo $!; exec sleep 0.3"])
         assert await zombie.wait() == 0
         (pid,) = zombie.pids()
         await eventually(lambda: not exists(pid), "the zombie to be reaped")
+        assert scans_in_note_exit >= 2
     finally:
         await closed_and_clean(rt)
+    assert not exists(sleeper), "the escaped process outlived its runtime"
 
 
 @pytest.fixture

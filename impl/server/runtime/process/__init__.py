@@ -42,10 +42,13 @@ orphan only once it has attributed it to one of its execs (zombies keep their se
 their environment or cgroup): never ``waitpid(-1)``, so no exit status that asyncio or
 ``subprocess`` waits for elsewhere in the server is stolen.  A sweep (every second, while any
 exec exists) records escaped descendants while they live and reaps them once they died.
-When a main process is reaped, its exec's processes are recorded by a /proc scan, unless the
-freezer shows that nothing of the exec is left and no zombie child of the server is left
-but the main processes of other execs (those are reaped there and then, as their pidfds
-would have them reaped a moment later): execs ending together cost no scan each.
+When a main process is reaped, its exec's processes are recorded by a /proc scan, unless
+nothing of the exec is known to be left and no zombie child of the server is left but the
+main processes of other execs (those are reaped there and then, as their pidfds would have
+them reaped a moment later): execs ending together cost no scan each.  Nothing is left when
+the exec's freezer group is empty; without the freezer, when the server has no child but
+the main processes of live execs (``/proc/self/task/*/children``): every orphan is adopted
+by the server, so whatever an exec leaves behind has a child of the server at its top.
 Limit: an orphan that left its session and died between two scans stays a zombie of the
 server; so do orphans of other components' children, which the subreaper now collects too.
 

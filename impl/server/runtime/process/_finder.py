@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..._errors import ErrorCode, ExecError
 from ._freezer import remove_stale_groups
-from ._procfs import ProcStat, cgroup_mount, read_stdio, read_tag, scan_proc
+from ._procfs import ProcStat, cgroup_mount, own_children, read_stdio, read_tag, scan_proc
 from ._spawn import first_zombie_child, send_signal
 
 if TYPE_CHECKING:
@@ -86,6 +86,47 @@ class ProcessFinder:
     def __init__(self) -> None:
         #: Set once the runtime decided to use the freezer.
         self.freezer: Freezer | None = None
+        #: Whether the server is its execs' subreaper: set when the runtime has made it one.
+        self.subreaper = False
+
+    def may_have_left(
+        self, exits: Iterable[ProcessExec], mains: Mapping[int, ProcessExec], forking: Set[int]
+    ) -> list[ProcessExec]:
+        """Those of ``exits`` (execs whose main process was reaped) that may have left a
+        process alive: only a /proc scan (about 15 us a process of the machine, on the event
+        loop) can find it.  An exec none of whose other processes was seen by an earlier scan
+        left none when its freezer group is empty.  Without the freezer, it left none when
+        each child of the server is the main process of a live exec (``mains``, by pid) or of
+        one ``forking``: as their subreaper the server adopts every orphan, so the topmost live
+        process of whatever an exec leaves behind is a child of the server."""
+        left: list[ProcessExec] = []
+        strays: bool | None = None
+        for proc in exits:
+            if proc.ended:
+                continue
+            if proc.exit_code is None or proc.known:
+                left.append(proc)
+            elif self.freezer is not None:
+                if proc.group is None or self.freezer.procs(proc.group):
+                    left.append(proc)
+            else:
+                if strays is None:
+                    strays = not self.subreaper or self._strays(mains, forking)
+                if strays:
+                    left.append(proc)
+        return left
+
+    @staticmethod
+    def _strays(mains: Mapping[int, ProcessExec], forking: Set[int]) -> bool:
+        """Whether the server may have a child that is no live exec's main process."""
+        children = own_children()
+        if children is None:
+            return True
+        for pid in children - forking:
+            main = mains.get(pid)
+            if main is None or main.exit_code is not None:
+                return True
+        return False
 
     def members(
         self, stats: Mapping[int, ProcStat], execs: Iterable[ProcessExec]

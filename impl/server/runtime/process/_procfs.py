@@ -25,6 +25,7 @@ __all__ = [
     "cpu_percent",
     "live_usage",
     "memory_limit",
+    "own_children",
     "read_io",
     "read_stat",
     "read_stdio",
@@ -82,6 +83,36 @@ def scan_proc() -> dict[int, ProcStat]:
         if name.isdigit() and (st := read_stat(int(name))) is not None:
             stats[st.pid] = st
     return stats
+
+
+def own_children() -> set[int] | None:
+    """The pids of this process's children, zombies included; None where the kernel keeps no
+    list of them (``/proc/<pid>/task/<tid>/children`` needs CONFIG_PROC_CHILDREN).
+
+    A child is listed under the thread that forked it, an orphan under the thread that
+    adopted it, and a thread's children move to another thread as it ends.  The kernel lists
+    them exactly, unless a thread ends or another thread reaps a child while the files are
+    read (then one may be missed), so they are read twice and a child either read lists
+    counts.  About 10 us a thread, where a /proc scan costs about 15 us a process.
+    """
+    me = os.getpid()
+    children: set[int] = set()
+    for _ in range(2):
+        for tid in os.listdir(f"/proc/{me}/task"):
+            try:
+                fd = os.open(f"/proc/{me}/task/{tid}/children", os.O_RDONLY)
+            except FileNotFoundError:
+                if int(tid) == me:  # the thread-group leader's file: no such file at all
+                    return None
+                continue  # a thread that has ended: its children moved to another one
+            try:
+                listing = b""
+                while chunk := os.read(fd, 65536):
+                    listing += chunk
+            finally:
+                os.close(fd)
+            children.update(map(int, listing.split()))
+    return children
 
 
 def read_tag(pid: int) -> str | None:

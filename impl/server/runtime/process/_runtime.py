@@ -79,6 +79,9 @@ class ProcessRuntime:
         self._spawning: set[tuple[str, str]] = set()  # forking on the spawner thread
         self._forking: set[int] = set()  # their pids, once forked (added on that thread)
         self._in_fork = 0  # forks under way: their children may be zombies before the above
+        #: Execs by the pid of their main process, until it is reaped (entries left by any
+        #: other way out have an exit code: :meth:`ProcessFinder.may_have_left` checks).
+        self._mains: dict[int, ProcessExec] = {}
         #: Released execs whose processes, zombies or cgroup are not gone yet.
         self._graveyard: set[ProcessExec] = set()
         #: Execs whose main process was reaped, waiting for :meth:`note_exit` to look at them.
@@ -283,7 +286,7 @@ class ProcessRuntime:
         if self._set_up:
             return
         self._set_up = True
-        become_subreaper()
+        self._finder.subreaper = become_subreaper()
         if self._want_freezer is False:
             return
         try:
@@ -305,7 +308,7 @@ class ProcessRuntime:
     def _exec_of(
         self, spawned: Spawned, container_id: str, exec_id: str, spec: ExecSpec
     ) -> ProcessExec:
-        return ProcessExec(
+        self._mains[spawned.popen.pid] = proc = ProcessExec(
             self,
             asyncio.get_running_loop(),
             spawned,
@@ -315,6 +318,7 @@ class ProcessRuntime:
             read_size=self.read_size,
             drain_timeout=self.drain_timeout,
         )
+        return proc
 
     def _make_container_dir(self, container_id: str, directory: Path) -> None:
         # A stat where a mkdir would fail (EEXIST) and then stat anyway; an exec may have
@@ -346,7 +350,10 @@ class ProcessRuntime:
             exits, self._exits = self._exits, []
             # Record the main process's descendants now, while they are alive and findable:
             # re-parented and dead, an escaped one could no longer be told apart.
-            left = exits if unknown_zombie else [p for p in exits if not self._nothing_left(p)]
+            for done in exits:
+                if self._mains.get(done.pid) is done:
+                    del self._mains[done.pid]
+            left = exits if unknown_zombie else self._may_have_left(exits)
             for done in exits:
                 if done not in left and unknown_zombie is False:
                     # Nothing of the exec is alive or unreaped: no scan (a cost per exit).
@@ -362,23 +369,12 @@ class ProcessRuntime:
         finally:
             self._noting = False
 
-    def _nothing_left(self, proc: ProcessExec) -> bool:
-        """Whether the freezer alone shows that no process of ``proc`` is alive: its main
-        process was reaped, its group is empty, and no process of it was ever seen outside
-        the group.  Answering that costs one read, where a /proc scan costs ~15 us per
-        process of the machine, on the event loop."""
-        freezer, group = self._freezer, proc.group
-        return proc.ended or (
-            freezer is not None
-            and group is not None
-            and proc.exit_code is not None
-            and not proc.known
-            and not freezer.procs(group)
-        )
+    def _may_have_left(self, exits: Sequence[ProcessExec]) -> list[ProcessExec]:
+        return self._finder.may_have_left(exits, self._mains, self._forking)
 
     def _kill_now(self, proc: ProcessExec) -> int:
         """One round of SIGKILL to the live processes of ``proc``; how many there were."""
-        if self._nothing_left(proc):
+        if not self._may_have_left([proc]):
             return 0  # removing an exited exec (PROTOCOL 11.2) scans nothing
         stats = scan_proc()
         live = [pid for pid in self._finder.members(stats, [proc])[proc] if stats[pid].alive]
@@ -396,7 +392,7 @@ class ProcessRuntime:
 
     async def kill_exec(self, proc: ProcessExec) -> None:
         """:class:`ExecOwner`: what :meth:`ProcessExec.kill` does."""
-        if self._nothing_left(proc):
+        if not self._may_have_left([proc]):
             return  # a server closing with many retained exited execs scans nothing for them
         deadline = time.monotonic() + _KILL_TIMEOUT
         while self._kill_now(proc) or proc.exit_code is None:
