@@ -281,8 +281,10 @@ async def _check(args: argparse.Namespace, case_ids: list[str]) -> int:
         return await _check_target(args, _target_from(args, args.target), case_ids)
     # The embedded reference server: the one place the suite imports the server.
     from execstream.server import Limits
+    from execstream.server.runtime.process._spawn import handle_ignored_signals
     from execstream.server.testing import serve
 
+    handle_ignored_signals()  # its server spawns as fast as `serve` does when started by `&`
     token = args.token or secrets.token_urlsafe(16)
     retention = EMBEDDED_RETENTION if args.retention is None else args.retention
     interval = EMBEDDED_CLEANUP_INTERVAL if args.cleanup_interval is None else args.cleanup_interval

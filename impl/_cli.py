@@ -323,6 +323,7 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
+    handle_ignored_signals()  # its server spawns as fast as `serve` does when started by `&`
     return asyncio.run(run_demo())
 
 

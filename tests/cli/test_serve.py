@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -202,6 +203,39 @@ async def test_sizes_with_units_are_the_server_settings(serve_cli) -> None:  # t
                 retained += len(response.output_chunk.stdout or b"")
                 gaps += response.output_chunk.gap_before
         assert 0 < retained <= 256 * 1024 and gaps > 0
+
+
+@pytest.mark.parametrize(
+    "command", [["demo"], ["conformance", "--case", "session/5.2/exit-status"]], ids=" ".join
+)
+def test_embedded_servers_stop_ignoring_signals_as_serve_does(command: list[str]) -> None:
+    """The demo's and the suite's embedded servers, started ignoring SIGQUIT (a script's
+    ``&``), handle it instead, as ``serve`` does: their execs need no trampoline."""
+    bit = 1 << (signal.SIGQUIT - 1)
+
+    def ignore() -> None:
+        signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "execstream", *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=ignore,  # the test is single-threaded here: like a script's `&`
+    )
+    handled = False
+    try:
+        deadline = time.monotonic() + 60
+        while not handled and process.poll() is None and time.monotonic() < deadline:
+            try:
+                status = Path(f"/proc/{process.pid}/status").read_text()
+            except OSError:
+                break
+            fields = dict(line.split(":", 1) for line in status.splitlines())
+            handled = not int(fields["SigIgn"], 16) & bit and bool(int(fields["SigCgt"], 16) & bit)
+            time.sleep(0.01)
+    finally:
+        assert process.wait(timeout=60) == 0
+    assert handled, "SIGQUIT stayed ignored while the embedded server ran"
 
 
 def test_demo_shows_two_identical_streams_and_the_exit_code() -> None:

@@ -122,7 +122,7 @@ def handle_ignored_signals() -> list[int]:
     ``nohup`` both start a server with signals ignored.  A SIGCHLD ignored by whoever started
     the process is handled too, so its children are kept for ``wait4`` rather than reaped by
     the kernel.  Main thread only (``signal.signal``); for a process of its own, such as
-    ``execstream serve``, never for an embedding engine's."""
+    ``execstream serve``, ``demo`` or ``conformance``, never for an embedding engine's."""
     changed: list[int] = []
     for signum in signal.valid_signals():
         if signum in RESTORED_BY_POPEN or signum in (signal.SIGKILL, signal.SIGSTOP):
