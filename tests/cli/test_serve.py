@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -32,22 +32,24 @@ class Served:
         return self.process.returncode, err
 
 
+def ignoring(signals: Sequence[str], argv: Sequence[str]) -> list[str]:
+    """``argv`` started with ``signals`` ignored, as a shell's ``&`` or ``nohup`` starts a
+    command: by a shell's trap, not a ``preexec_fn``, which runs Python in a fork of a test
+    process that may have grpc threads (the child can abort before its exec)."""
+    return ["sh", "-c", f'trap "" {" ".join(signals)}; exec "$@"', "sh", *argv]
+
+
 @pytest.fixture
 def serve_cli(tmp_path: Path) -> Iterator[object]:
     started: list[subprocess.Popen[str]] = []
 
-    def start(
-        *args: str,
-        env: dict[str, str] | None = None,
-        preexec: Callable[[], object] | None = None,
-    ) -> Served:
+    def start(*args: str, env: dict[str, str] | None = None, ignored: Sequence[str] = ()) -> Served:
         process = subprocess.Popen(
-            [sys.executable, "-m", "execstream", "serve", *args],
+            ignoring(ignored, [sys.executable, "-m", "execstream", "serve", *args]),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, **(env or {})},
-            preexec_fn=preexec,  # the test is single-threaded here: like `nohup`
         )
         started.append(process)
         assert process.stdout is not None
@@ -212,15 +214,10 @@ def test_embedded_servers_stop_ignoring_signals_as_serve_does(command: list[str]
     """The demo's and the suite's embedded servers, started ignoring SIGQUIT (a script's
     ``&``), handle it instead, as ``serve`` does: their execs need no trampoline."""
     bit = 1 << (signal.SIGQUIT - 1)
-
-    def ignore() -> None:
-        signal.signal(signal.SIGQUIT, signal.SIG_IGN)
-
     process = subprocess.Popen(
-        [sys.executable, "-m", "execstream", *command],
+        ignoring(["QUIT"], [sys.executable, "-m", "execstream", *command]),
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=ignore,  # the test is single-threaded here: like a script's `&`
+        stderr=subprocess.PIPE,
     )
     handled = False
     try:
@@ -234,7 +231,8 @@ def test_embedded_servers_stop_ignoring_signals_as_serve_does(command: list[str]
             handled = not int(fields["SigIgn"], 16) & bit and bool(int(fields["SigCgt"], 16) & bit)
             time.sleep(0.01)
     finally:
-        assert process.wait(timeout=60) == 0
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err.decode(errors="replace")[-2000:]
     assert handled, "SIGQUIT stayed ignored while the embedded server ran"
 
 
@@ -347,9 +345,7 @@ async def test_restart_after_sigkill_ends_the_dead_servers_execs(serve_cli, tmp_
 
 async def test_execs_of_a_nohup_server_get_sighup(serve_cli) -> None:  # type: ignore[no-untyped-def]
     """Under nohup the server ignores SIGHUP; its execs must not (signal HUP must work)."""
-    served = serve_cli(
-        "--listen", "127.0.0.1:0", preexec=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    )
+    served = serve_cli("--listen", "127.0.0.1:0", ignored=["HUP"])
 
     async def hup() -> int:
         async def requests():  # type: ignore[no-untyped-def]
@@ -379,12 +375,7 @@ async def test_a_server_started_ignoring_signals_goes_on_ignoring_them_alone(ser
     """A shell's ``&`` and ``nohup`` start the server with signals ignored.  It goes on
     ignoring them, but as handled signals, which exec(2) resets: its execs start with the
     default action (PROTOCOL 10.4) with nothing ignored left to reset before each exec."""
-
-    def ignore() -> None:
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGQUIT, signal.SIG_IGN)
-
-    served = serve_cli("--listen", "127.0.0.1:0", preexec=ignore)
+    served = serve_cli("--listen", "127.0.0.1:0", ignored=["HUP", "QUIT"])
     pid = served.process.pid
     fields = dict(
         line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
