@@ -33,6 +33,7 @@ import signal
 import struct
 import sys
 import termios
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,7 +199,24 @@ class Engine:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(group, signal.SIGKILL)
         if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=5)
+            _, pending = await asyncio.wait(list(self.tasks), timeout=5)
+            if pending:
+                return  # a main process may not be reaped yet: its status is asyncio's
+        # The orphans of its execs are this process's children when something in it is a
+        # subreaper (the reference runtime, in a test that ran before): reap the killed ones,
+        # so that no zombie is left in the process for the tests after.
+        for group in self.groups:
+            await _reap_group(group)
+
+
+async def _reap_group(group: int, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if os.waitid(os.P_PGID, group, os.WEXITED | os.WNOHANG) is None:  # noqa: ASYNC222
+                await asyncio.sleep(0.01)  # killed, not dead yet
+        except ChildProcessError:
+            return  # no child of this process is left in the group
 
 
 async def _exited(process: asyncio.subprocess.Process) -> int:
