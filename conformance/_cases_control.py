@@ -237,18 +237,31 @@ def _last_number(counter: SessionClient) -> int:
     return int(complete[-1]) if complete else 0
 
 
-async def _expect_paused(counter: SessionClient) -> int:
-    """No progress while paused: 0.3 s after the pause, at most 5 more lines (already
-    written before the stop, still on their way) in the next second; running, the counter
-    writes about 100."""
-    await asyncio.sleep(0.3)
+async def _pause_and_expect_no_progress(
+    ctx: CaseContext, container_id: str, counter: SessionClient
+) -> int:
+    """Pause the container and expect no progress while paused; the counter's last number.
+
+    The window is measured on the running counter first: the time it takes to write 20
+    lines on this machine now.  A window of fixed length would let a loaded machine, where
+    the counter is starved, pass a server whose pause stops nothing.  From that long after
+    the pause (for what was written before the stop to arrive), and for 3 such times but at
+    least 1 s, at most 5 more lines may come, where running the counter writes about 60."""
+    loop = asyncio.get_running_loop()
+    first, began = _last_number(counter), loop.time()
+    await counter.until(lambda: _last_number(counter) >= first + 20, "20 lines of the counter")
+    twenty = loop.time() - began
+    expect_done(await ctx.pause(container_id), "ContainerPause")
+    settle, window = max(0.3, twenty), max(1.0, 3 * twenty)
+    await asyncio.sleep(settle)
     paused_at = _last_number(counter)
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(window)
     later = _last_number(counter)
     expect(
         later - paused_at <= 5,
-        "no progress while paused: the counter, 0.3 s after the pause, moves by at most 5 "
-        "(lines already written) in the next second",
+        f"no progress while paused: the counter, {settle:.1f} s after the pause, moves by at "
+        f"most 5 (lines already written) in the next {window:.1f} s; running, it wrote 20 "
+        f"lines in {twenty:.2f} s",
         f"from {paused_at} to {later}",
     )
     return later
@@ -267,8 +280,7 @@ async def pause_stops_progress(ctx: CaseContext) -> None:
     c, e = ctx.container_id(), ctx.exec_id()
     counter = await _running(ctx, c, e, COUNTER)
     await counter.until_chunks(5)
-    expect_done(await ctx.pause(c), "ContainerPause")
-    later = await _expect_paused(counter)
+    later = await _pause_and_expect_no_progress(ctx, c, counter)
     expect_done(await ctx.resume(c), "ContainerResume")
     await counter.until(lambda: _last_number(counter) > later + 20, "progress after resume")
     expect_done(await ctx.signal(c, "KILL"), "ContainerSignal KILL")
@@ -285,8 +297,7 @@ async def pause_other_groups(ctx: CaseContext) -> None:
     c, e = ctx.container_id(), ctx.exec_id()
     counter = await ctx.create(c, e, DETACHED_COUNTER, half_close=True, tty=True)
     await counter.until(lambda: _last_number(counter) > 5, "the counter running")
-    expect_done(await ctx.pause(c), "ContainerPause")
-    later = await _expect_paused(counter)
+    later = await _pause_and_expect_no_progress(ctx, c, counter)
     expect_done(await ctx.resume(c), "ContainerResume")
     await counter.until(lambda: _last_number(counter) > later + 20, "progress after resume")
     expect_done(await ctx.signal(c, "KILL"), "ContainerSignal KILL")
