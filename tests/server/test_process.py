@@ -829,9 +829,9 @@ async def test_a_zombie_that_may_be_a_child_being_forked_is_not_taken_for_an_orp
     child = subprocess.Popen(["true"])
     try:
         await eventually(lambda: _spawn.first_zombie_child() == child.pid, "the child's zombie")
-        assert _finder.reap_exited_mains([], set(), lambda: True) is None
-        assert _finder.reap_exited_mains([], {child.pid}, lambda: False) is None
-        assert _finder.reap_exited_mains([], set(), lambda: False) is True
+        assert _finder.reap_exited_mains({}, set(), lambda: True) is None
+        assert _finder.reap_exited_mains({}, {child.pid}, lambda: False) is None
+        assert _finder.reap_exited_mains({}, set(), lambda: False) is True
     finally:
         child.wait()
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ._exec import ProcessExec
     from ._freezer import Freezer
 
-__all__ = ["ProcessFinder", "end_leftovers", "reap_exited_mains"]
+__all__ = ["ProcessFinder", "end_leftovers", "live_main", "reap_exited_mains"]
 
 #: Rounds of killing a dead runtime's processes: they may fork while being killed.
 _KILL_ROUNDS = 8
@@ -56,20 +56,25 @@ def end_leftovers(token: str) -> int:
     return len(killed)
 
 
+def live_main(mains: Mapping[int, ProcessExec], pid: int) -> ProcessExec | None:
+    """The exec whose main process ``pid`` is, and not yet reaped; ``mains`` by pid (an entry
+    left after its reap has an exit code, and a reused pid is then no exec's main)."""
+    main = mains.get(pid)
+    return main if main is not None and main.exit_code is None else None
+
+
 def reap_exited_mains(
-    execs: Iterable[ProcessExec], forking: Set[int], forks_under_way: Callable[[], bool]
+    mains: Mapping[int, ProcessExec], forking: Set[int], forks_under_way: Callable[[], bool]
 ) -> bool | None:
-    """Reap the main processes of ``execs`` that exited and whose pidfd callback has not run
-    yet (many execs end together in a burst); whether a zombie child is left that is none of
-    them: an orphan, which only a scan can attribute.  None when that cannot be told: the
-    zombie in view is the main process of an exec still being spawned (``forking``), or may
-    be the child of a fork under way whose pid is not known yet (asked after the zombie was
-    seen: the spawner counts a fork before it forks), which only its own exec may reap."""
-    mains: dict[int, ProcessExec] | None = None
+    """Reap the main processes of execs (``mains``, by pid) that exited and whose pidfd
+    callback has not run yet (many execs end together in a burst); whether a zombie child is
+    left that is none of them: an orphan, which only a scan can attribute.  None when that
+    cannot be told: the zombie in view is the main process of an exec still being spawned
+    (``forking``), or may be the child of a fork under way whose pid is not known yet (asked
+    after the zombie was seen: the spawner counts a fork before it forks), which only its own
+    exec may reap."""
     while (pid := first_zombie_child()) is not None:
-        if mains is None:
-            mains = {proc.pid: proc for proc in execs if proc.exit_code is None}
-        main = mains.pop(pid, None)
+        main = live_main(mains, pid)
         if main is None:
             # The spawner adds the pid before it uncounts the fork: asked in the other order,
             # a fork finishing in between would be missed by both.
@@ -122,11 +127,7 @@ class ProcessFinder:
         children = own_children()
         if children is None:
             return True
-        for pid in children - forking:
-            main = mains.get(pid)
-            if main is None or main.exit_code is not None:
-                return True
-        return False
+        return any(live_main(mains, pid) is None for pid in children - forking)
 
     def members(
         self, stats: Mapping[int, ProcStat], execs: Iterable[ProcessExec]

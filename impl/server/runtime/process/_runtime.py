@@ -79,8 +79,8 @@ class ProcessRuntime:
         self._spawning: set[tuple[str, str]] = set()  # forking on the spawner thread
         self._forking: set[int] = set()  # their pids, once forked (added on that thread)
         self._in_fork = 0  # forks under way: their children may be zombies before the above
-        #: Execs by the pid of their main process, until it is reaped (entries left by any
-        #: other way out have an exit code: :meth:`ProcessFinder.may_have_left` checks).
+        #: Execs by the pid of their main process, until it is reaped (an entry left by any
+        #: other way out has an exit code: see ``live_main``).
         self._mains: dict[int, ProcessExec] = {}
         #: Released execs whose processes, zombies or cgroup are not gone yet.
         self._graveyard: set[ProcessExec] = set()
@@ -330,8 +330,7 @@ class ProcessRuntime:
         return container_id in self._exec_counts
 
     def _all_execs(self) -> Iterator[ProcessExec]:
-        """Lazily: a caller that may not look at them (an exit with no other zombie
-        waiting) costs no pass over every retained exec."""
+        """Live and released execs, lazily."""
         return itertools.chain(self._execs.values(), self._graveyard)
 
     def _scope(self, container_id: str, exec_id: str | None = None) -> list[ProcessExec]:
@@ -345,7 +344,7 @@ class ProcessRuntime:
         self._noting = True
         try:
             unknown_zombie = reap_exited_mains(
-                self._all_execs(), self._forking, lambda: self._in_fork > 0
+                self._mains, self._forking, lambda: self._in_fork > 0
             )
             exits, self._exits = self._exits, []
             # Record the main process's descendants now, while they are alive and findable:
