@@ -772,6 +772,40 @@ async def test_a_zombie_left_in_the_session_is_reaped(any_runtime: ProcessRuntim
     await eventually(lambda: not exists(zombie), "the zombie to be reaped")
 
 
+async def test_a_sweep_scan_older_than_what_the_runtime_knows_loses_nothing(
+    any_runtime: ProcessRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep scans /proc on a thread; by the time that scan is read on the loop, an exec
+    may have started, forked, been signalled and exited.  Read as the truth, the older scan
+    would drop the exec's orphan from what the exec is known to have, and its zombie would
+    never be reaped (seen: conformance 10.3, the detached sleep still a zombie 10 s on)."""
+    held, release = threading.Event(), threading.Event()
+    scan = _runtime.scan_proc
+
+    def slow_on_a_thread() -> dict[int, _procfs.ProcStat]:
+        stats = scan()
+        if threading.current_thread() is not threading.main_thread() and not release.is_set():
+            held.set()
+            release.wait(TIMEOUT)
+        return stats
+
+    monkeypatch.setattr(_runtime, "scan_proc", slow_on_a_thread)
+    other = await start(any_runtime, ["sleep", "100"], container="c2")  # starts the sweep
+    try:
+        await eventually(held.is_set, "the sweep's scan")
+        run = await start(any_runtime, ["sh", "-c", "set -m; sleep 60 & echo $!; wait"], tty=True)
+        await eventually(run.pids, "the background sleep to start")
+        (sleeper,) = run.pids()
+        os.kill(run.proc.pid, signal.SIGKILL)
+        assert await run.wait() == 128 + 9  # its exit scanned: the orphaned sleep is known
+        os.kill(sleeper, signal.SIGKILL)
+        await eventually(lambda: state_of(sleeper) == "Z", "the sleep to be a zombie")
+    finally:
+        release.set()
+    await eventually(lambda: not exists(sleeper), "the sleep's zombie to be reaped", timeout=5)
+    await other.proc.kill()
+
+
 async def test_execs_ending_together_keep_their_exit_codes(
     any_runtime: ProcessRuntime, caplog: pytest.LogCaptureFixture
 ) -> None:

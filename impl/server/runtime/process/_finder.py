@@ -93,6 +93,10 @@ class ProcessFinder:
         self.freezer: Freezer | None = None
         #: Whether the server is its execs' subreaper: set when the runtime has made it one.
         self.subreaper = False
+        #: Counts what was learnt that a /proc scan could contradict: processes attributed or
+        #: reaped here, an exec spawned or exited (the runtime counts those).  A scan taken
+        #: before the count last moved is older than what is known: not to be read as the truth.
+        self.changes = 0
 
     def may_have_left(
         self, exits: Iterable[ProcessExec], mains: Mapping[int, ProcessExec], forking: Set[int]
@@ -133,6 +137,7 @@ class ProcessFinder:
         self, stats: Mapping[int, ProcStat], execs: Iterable[ProcessExec]
     ) -> dict[ProcessExec, set[int]]:
         """Every process of each exec, zombies included; recorded for the next scans."""
+        self.changes += 1
         found: dict[ProcessExec, set[int]] = {proc: set() for proc in execs}
         execs = [proc for proc in found if not proc.ended]
         if not execs:
@@ -234,6 +239,7 @@ class ProcessFinder:
 
     def reap_orphans(self, stats: Mapping[int, ProcStat], execs: Iterable[ProcessExec]) -> None:
         """Reap zombies re-parented to the server that belong to an exec, and only those."""
+        self.changes += 1
         me = os.getpid()
         known: dict[int, tuple[ProcessExec, int]] = {}
         sessions: dict[int, ProcessExec] = {}

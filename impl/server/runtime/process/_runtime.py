@@ -308,6 +308,7 @@ class ProcessRuntime:
     def _exec_of(
         self, spawned: Spawned, container_id: str, exec_id: str, spec: ExecSpec
     ) -> ProcessExec:
+        self._finder.changes += 1
         self._mains[spawned.popen.pid] = proc = ProcessExec(
             self,
             asyncio.get_running_loop(),
@@ -338,6 +339,7 @@ class ProcessRuntime:
 
     def note_exit(self, proc: ProcessExec) -> None:
         """:class:`ExecOwner`: the main process of ``proc`` was reaped."""
+        self._finder.changes += 1
         self._exits.append(proc)
         if self._noting:
             return  # reaped by the call below (reap_if_exited): that call notes it too
@@ -429,8 +431,13 @@ class ProcessRuntime:
         while self._execs or self._graveyard:
             await asyncio.sleep(_SWEEP_INTERVAL)
             try:
-                # Off the loop thread: a scan costs ~15 us per process on the machine.
-                self._sweep(await asyncio.to_thread(scan_proc))
+                # Off the loop thread: a scan costs ~15 us per process on the machine.  What
+                # was learnt meanwhile, the scan would undo (an exec that started, forked and
+                # was killed while it ran: its orphan's zombie lost, never reaped): then the
+                # sweep scans again, here.
+                changes = self._finder.changes
+                stats = await asyncio.to_thread(scan_proc)
+                self._sweep(stats if self._finder.changes == changes else None)
             except Exception:
                 log.exception("the process sweep failed")
 
