@@ -86,8 +86,8 @@ class ProcessExec:
         # child is still in execve (up to half a millisecond, on the event loop).
         self._start_ticks: int | None = None
         self.session_active = True
-        #: Nothing of the exec is left, and nothing can be again: its exit showed an empty
-        #: freezer group (nothing enters a group but by a move).  Scans pass it by.
+        #: Nothing of the exec is left, and nothing can be again: at its exit the server had
+        #: no child but live execs' main processes.  Scans pass it by.
         self.ended = False
         #: Processes attributed to this exec at the last scan: pid -> start ticks.  The main
         #: process is the exec's until reaped (its pid cannot be reused before): not listed.

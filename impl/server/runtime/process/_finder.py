@@ -99,39 +99,62 @@ class ProcessFinder:
         self.changes = 0
 
     def may_have_left(
-        self, exits: Iterable[ProcessExec], mains: Mapping[int, ProcessExec], forking: Set[int]
-    ) -> list[ProcessExec]:
+        self,
+        exits: Iterable[ProcessExec],
+        mains: Mapping[int, ProcessExec],
+        forking: Set[int],
+        forks_under_way: Callable[[], bool],
+    ) -> tuple[list[ProcessExec], bool]:
         """Those of ``exits`` (execs whose main process was reaped) that may have left a
-        process alive: only a /proc scan (about 15 us a process of the machine, on the event
-        loop) can find it.  An exec none of whose other processes was seen by an earlier scan
-        left none when its freezer group is empty.  Without the freezer, it left none when
+        process, alive or a zombie: only a /proc scan (about 15 us a process of the machine,
+        on the event loop) can find it; and whether the others surely left none.
+
+        An exec none of whose other processes was seen by an earlier scan left none when
         each child of the server is the main process of a live exec (``mains``, by pid) or of
-        one ``forking``: as their subreaper the server adopts every orphan, so the topmost live
-        process of whatever an exec leaves behind is a child of the server."""
+        one ``forking``: as their subreaper the server adopts every orphan, so the topmost
+        process of whatever an exec leaves behind is a child of the server.  Not sure when
+        another child may be that of a fork under way, whose pid is not known yet (asked after
+        the children were read, as in :func:`reap_exited_mains`).  A process in its freezer
+        group shows at once that the exec left one; an empty group proves nothing: a process
+        leaves its group on its way out, a moment before it is a zombie."""
         left: list[ProcessExec] = []
-        strays: bool | None = None
+        strays: bool | None = False
+        checked = False
         for proc in exits:
             if proc.ended:
                 continue
-            if proc.exit_code is None or proc.known:
+            if proc.exit_code is None or proc.known or self._in_group(proc):
                 left.append(proc)
-            elif self.freezer is not None:
-                if proc.group is None or self.freezer.procs(proc.group):
-                    left.append(proc)
-            else:
-                if strays is None:
-                    strays = not self.subreaper or self._strays(mains, forking)
-                if strays:
-                    left.append(proc)
-        return left
+                continue
+            if not checked:
+                checked = True
+                strays = self._strays(mains, forking, forks_under_way)
+            if strays:
+                left.append(proc)
+        return left, strays is not None
 
-    @staticmethod
-    def _strays(mains: Mapping[int, ProcessExec], forking: Set[int]) -> bool:
-        """Whether the server may have a child that is no live exec's main process."""
-        children = own_children()
+    def _in_group(self, proc: ProcessExec) -> bool:
+        """Whether ``proc``'s freezer group holds a process."""
+        return (
+            self.freezer is not None
+            and proc.group is not None
+            and bool(self.freezer.procs(proc.group))
+        )
+
+    def _strays(
+        self,
+        mains: Mapping[int, ProcessExec],
+        forking: Set[int],
+        forks_under_way: Callable[[], bool],
+    ) -> bool | None:
+        """Whether the server may have a child that is no live exec's main process; None
+        when the only such children may be those of a fork under way."""
+        children = own_children() if self.subreaper else None
         if children is None:
             return True
-        return any(live_main(mains, pid) is None for pid in children - forking)
+        if all(live_main(mains, pid) is not None for pid in children - forking):
+            return False
+        return None if forks_under_way() else True
 
     def members(
         self, stats: Mapping[int, ProcStat], execs: Iterable[ProcessExec]

@@ -354,9 +354,9 @@ class ProcessRuntime:
             for done in exits:
                 if self._mains.get(done.pid) is done:
                     del self._mains[done.pid]
-            left = exits if unknown_zombie else self._may_have_left(exits)
+            left, sure = (exits, True) if unknown_zombie else self._may_have_left(exits)
             for done in exits:
-                if done not in left and unknown_zombie is False:
+                if done not in left and sure and unknown_zombie is False:
                     # Nothing of the exec is alive or unreaped: no scan (a cost per exit).
                     # (Undecided: its session is matched until the next sweep sees it empty.)
                     done.session_active = False
@@ -370,12 +370,18 @@ class ProcessRuntime:
         finally:
             self._noting = False
 
-    def _may_have_left(self, exits: Sequence[ProcessExec]) -> list[ProcessExec]:
-        return self._finder.may_have_left(exits, self._mains, self._forking)
+    def _may_have_left(self, exits: Sequence[ProcessExec]) -> tuple[list[ProcessExec], bool]:
+        return self._finder.may_have_left(
+            exits, self._mains, self._forking, lambda: self._in_fork > 0
+        )
+
+    def _left_nothing(self, proc: ProcessExec) -> bool:
+        left, sure = self._may_have_left([proc])
+        return sure and not left
 
     def _kill_now(self, proc: ProcessExec) -> int:
         """One round of SIGKILL to the live processes of ``proc``; how many there were."""
-        if not self._may_have_left([proc]):
+        if self._left_nothing(proc):
             return 0  # removing an exited exec (PROTOCOL 11.2) scans nothing
         stats = scan_proc()
         live = [pid for pid in self._finder.members(stats, [proc])[proc] if stats[pid].alive]
@@ -393,7 +399,7 @@ class ProcessRuntime:
 
     async def kill_exec(self, proc: ProcessExec) -> None:
         """:class:`ExecOwner`: what :meth:`ProcessExec.kill` does."""
-        if not self._may_have_left([proc]):
+        if self._left_nothing(proc):
             return  # a server closing with many retained exited execs scans nothing for them
         deadline = time.monotonic() + _KILL_TIMEOUT
         while self._kill_now(proc) or proc.exit_code is None:
