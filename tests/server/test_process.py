@@ -830,7 +830,7 @@ def foreign_children(*, zombies_only: bool) -> str | None:
         return f"a zombie child {zombie}"
     if zombies_only:
         return None
-    children = _procfs.own_children()
+    children = _procfs.main_thread_children()
     if children is None:
         pytest.skip("the kernel keeps no list of children (CONFIG_PROC_CHILDREN)")
     return f"children {sorted(children)}" if children else None
@@ -878,7 +878,7 @@ def test_a_child_that_may_be_a_fork_under_way_leaves_an_exit_undecided(
     """An exit is sure to have left nothing only when every child of the server is a live
     exec's main process; a child that may be one being forked leaves it undecided (no scan,
     not passed by), any other child makes it scanned."""
-    if _procfs.own_children() is None:
+    if _procfs.main_thread_children() is None:
         pytest.skip("the kernel keeps no list of children (CONFIG_PROC_CHILDREN)")
     if (foreign := foreign_children(zombies_only=False)) is not None:
         return rerun_alone(request, foreign)
@@ -903,21 +903,48 @@ def test_a_child_that_may_be_a_fork_under_way_leaves_an_exit_undecided(
         child.wait()
 
 
-def test_own_children_lists_every_thread_s_children_until_reaped() -> None:
-    if _procfs.own_children() is None:
+def test_the_main_thread_lists_its_children_and_every_orphan_until_reaped() -> None:
+    """The runtime looks for what an exec left behind among the main thread's children: the
+    orphans a subreaper adopts land there, whichever thread forked their ancestor, and so do
+    the children of a thread that ended."""
+    if _procfs.main_thread_children() is None:
         pytest.skip("the kernel keeps no list of children (CONFIG_PROC_CHILDREN)")
+    _spawn.become_subreaper()  # as a runtime makes its server
     here = subprocess.Popen(["sleep", "30"])
     there: list[subprocess.Popen[bytes]] = []
     forker = threading.Thread(target=lambda: there.append(subprocess.Popen(["true"])))
     forker.start()
-    forker.join()  # ended: its child moved to a thread that is still there
+    forker.join()  # ended: its child moved to the main thread
+    orphans: list[int] = []
+    leave_one = threading.Event()
+    done = threading.Event()
+
+    def leaving_an_orphan() -> None:
+        # A child of this thread that leaves a child of its own and exits, while the
+        # thread lives on: the orphan goes to the main thread, not to this one.
+        child = subprocess.run(
+            ["sh", "-c", "sleep 30 >/dev/null 2>&1 & echo $!"], capture_output=True, check=True
+        )
+        orphans.append(int(child.stdout))
+        leave_one.set()
+        done.wait(TIMEOUT)
+
+    alive = threading.Thread(target=leaving_an_orphan)
+    alive.start()
     try:
-        assert {here.pid, there[0].pid} <= (_procfs.own_children() or set())
+        assert leave_one.wait(TIMEOUT)
+        listed = _procfs.main_thread_children() or set()
+        assert {here.pid, there[0].pid, *orphans} <= listed
     finally:
+        done.set()
+        alive.join()
         here.kill()
         here.wait()
         there[0].wait()
-    assert not {here.pid, there[0].pid} & (_procfs.own_children() or set())
+        for pid in orphans:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert not {here.pid, there[0].pid, *orphans} & (_procfs.main_thread_children() or set())
 
 
 @pytest.mark.parametrize("mode", ["freezer", "signals"])

@@ -46,11 +46,12 @@ When a main process is reaped, its exec's processes are recorded by a /proc scan
 nothing of the exec is known to be left and no zombie child of the server is left but the
 main processes of other execs (those are reaped there and then, as their pidfds would have
 them reaped a moment later): execs ending together cost no scan each.  Nothing is left when
-the server has no child but the main processes of live execs (``/proc/self/task/*/children``):
-every orphan is adopted by the server, so whatever an exec leaves behind has a child of the
-server at its top.  An empty freezer group is no proof: a process leaves its group on its
-way out, a moment before it is a zombie.  A child that may be that of a fork under way
-leaves the exit undecided: no scan, and the next sweep looks at the exec.
+the server's main thread has no child but the main processes of live execs
+(``/proc/<pid>/task/<pid>/children``): every orphan is adopted by the server, on its main
+thread, so whatever an exec leaves behind has a child of that thread at its top.  An empty
+freezer group is no proof: a process leaves its group on its way out, a moment before it
+is a zombie.  A child that may be that of a fork under way leaves the exit undecided: no
+scan, and the next sweep looks at the exec.
 Limit: an orphan that left its session and died between two scans stays a zombie of the
 server; so do orphans of other components' children, which the subreaper now collects too.
 

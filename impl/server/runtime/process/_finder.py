@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING
 
 from ..._errors import ErrorCode, ExecError
 from ._freezer import remove_stale_groups
-from ._procfs import ProcStat, cgroup_mount, own_children, read_stdio, read_tag, scan_proc
+from ._procfs import (
+    ProcStat,
+    cgroup_mount,
+    main_thread_children,
+    read_stdio,
+    read_tag,
+    scan_proc,
+)
 from ._spawn import first_zombie_child, send_signal
 
 if TYPE_CHECKING:
@@ -110,11 +117,12 @@ class ProcessFinder:
         on the event loop) can find it; and whether the others surely left none.
 
         An exec none of whose other processes was seen by an earlier scan left none when
-        each child of the server is the main process of a live exec (``mains``, by pid) or of
-        one ``forking``: as their subreaper the server adopts every orphan, so the topmost
-        process of whatever an exec leaves behind is a child of the server.  Not sure when
-        another child may be that of a fork under way, whose pid is not known yet (asked after
-        the children were read, as in :func:`reap_exited_mains`).  A process in its freezer
+        each child of the server's main thread is the main process of a live exec (``mains``,
+        by pid) or of one ``forking``: as their subreaper the server adopts every orphan, on
+        its main thread, so the topmost process of whatever an exec leaves behind is a child
+        of that thread.  Not sure when another child may be that of a fork under way, whose
+        pid is not known yet (asked after the children were read, as in
+        :func:`reap_exited_mains`).  A process in its freezer
         group shows at once that the exec left one; an empty group proves nothing: a process
         leaves its group on its way out, a moment before it is a zombie."""
         left: list[ProcessExec] = []
@@ -147,9 +155,9 @@ class ProcessFinder:
         forking: Set[int],
         forks_under_way: Callable[[], bool],
     ) -> bool | None:
-        """Whether the server may have a child that is no live exec's main process; None
-        when the only such children may be those of a fork under way."""
-        children = own_children() if self.subreaper else None
+        """Whether the server's main thread may have a child that is no live exec's main
+        process; None when the only such children may be those of a fork under way."""
+        children = main_thread_children() if self.subreaper else None
         if children is None:
             return True
         if all(live_main(mains, pid) is not None for pid in children - forking):

@@ -24,8 +24,8 @@ __all__ = [
     "cgroup_mount",
     "cpu_percent",
     "live_usage",
+    "main_thread_children",
     "memory_limit",
-    "own_children",
     "read_io",
     "read_stat",
     "read_stdio",
@@ -85,33 +85,32 @@ def scan_proc() -> dict[int, ProcStat]:
     return stats
 
 
-def own_children() -> set[int] | None:
-    """The pids of this process's children, zombies included; None where the kernel keeps no
-    list of them (``/proc/<pid>/task/<tid>/children`` needs CONFIG_PROC_CHILDREN).
+def main_thread_children() -> set[int] | None:
+    """The pids of the children of this process's main thread, zombies included; None where
+    the kernel keeps no list of them (``/proc/<pid>/task/<tid>/children`` needs
+    CONFIG_PROC_CHILDREN).
 
-    A child is listed under the thread that forked it, an orphan under the thread that
-    adopted it, and a thread's children move to another thread as it ends.  The kernel lists
-    them exactly, unless a thread ends or another thread reaps a child while the files are
-    read (then one may be missed), so they are read twice and a child either read lists
-    counts.  About 10 us a thread, where a /proc scan costs about 15 us a process.
+    Those are the children it forked and every orphan the process adopted as a subreaper:
+    the kernel gives an orphan, and the children of a thread that ends, to the first live
+    thread of the process, which is the main thread while it lives.  Children that other
+    threads forked are listed under those threads, not here.  A child can be missed when
+    another is reaped during the read, so the file is read twice and a child either read
+    lists counts: about 10 us, where a /proc scan costs about 15 us a process.
     """
     me = os.getpid()
     children: set[int] = set()
     for _ in range(2):
-        for tid in os.listdir(f"/proc/{me}/task"):
-            try:
-                fd = os.open(f"/proc/{me}/task/{tid}/children", os.O_RDONLY)
-            except FileNotFoundError:
-                if int(tid) == me:  # the thread-group leader's file: no such file at all
-                    return None
-                continue  # a thread that has ended: its children moved to another one
-            try:
-                listing = b""
-                while chunk := os.read(fd, 65536):
-                    listing += chunk
-            finally:
-                os.close(fd)
-            children.update(map(int, listing.split()))
+        try:
+            fd = os.open(f"/proc/{me}/task/{me}/children", os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            listing = b""
+            while chunk := os.read(fd, 65536):
+                listing += chunk
+        finally:
+            os.close(fd)
+        children.update(map(int, listing.split()))
     return children
 
 
