@@ -376,8 +376,7 @@ class ProcessRuntime:
         )
 
     def _left_nothing(self, proc: ProcessExec) -> bool:
-        left, sure = self._may_have_left([proc])
-        return sure and not left
+        return self._may_have_left([proc]) == ([], True)  # and sure of it
 
     def _kill_now(self, proc: ProcessExec) -> int:
         """One round of SIGKILL to the live processes of ``proc``; how many there were."""
@@ -437,10 +436,8 @@ class ProcessRuntime:
         while self._execs or self._graveyard:
             await asyncio.sleep(_SWEEP_INTERVAL)
             try:
-                # Off the loop thread: a scan costs ~15 us per process on the machine.  What
-                # was learnt meanwhile, the scan would undo (an exec that started, forked and
-                # was killed while it ran: its orphan's zombie lost, never reaped): then the
-                # sweep scans again, here.
+                # Off the loop thread: ~15 us a process.  Older than what was learnt meanwhile
+                # (an orphan recorded, then dead: never reaped), it would undo that: rescanned.
                 changes = self._finder.changes
                 stats = await asyncio.to_thread(scan_proc)
                 self._sweep(stats if self._finder.changes == changes else None)
