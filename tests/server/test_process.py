@@ -808,6 +808,43 @@ async def test_a_sweep_scan_older_than_what_the_runtime_knows_loses_nothing(
     await other.proc.kill()
 
 
+async def test_an_orphan_that_left_its_session_and_died_unseen_is_reaped_after_a_grace(
+    any_runtime: ProcessRuntime,
+) -> None:
+    """``setsid true &`` leaves a zombie of the server that nothing ties to its exec (a new
+    session, and a zombie keeps no environment or cgroup): reaped once it has stayed
+    unreaped for the grace, so a client cannot leave the server a zombie per exec.  A zombie
+    in the server's own session (its own code's child) is left to its waiter."""
+    finder = any_runtime._finder
+    sweeps = 0
+    sweep = any_runtime._sweep
+
+    def counted(stats: object = None) -> None:
+        nonlocal sweeps
+        sweeps += 1
+        sweep(stats)  # type: ignore[arg-type]
+
+    any_runtime._sweep = counted  # type: ignore[method-assign]
+    finder.stray_grace = 3600.0
+    ours = subprocess.Popen(["sh", "-c", "exit 7"])  # this process's child: not the runtime's
+    run = await start(any_runtime, ["sh", "-c", "setsid true & echo $!; exec sleep 0.2"])
+    assert await run.wait() == 0
+    (escaped,) = run.pids()
+    assert state_of(escaped) == "Z" and state_of(ours.pid) == "Z"
+    assert os.getsid(0) != int(Path(f"/proc/{escaped}/stat").read_text().split()[5])
+    await eventually(lambda: finder.strays_waiting, "the stray to be seen")
+    seen = sweeps  # a sweep runs whole once counted: no await inside
+    await eventually(lambda: sweeps > seen, "another sweep")
+    assert state_of(escaped) == "Z", "reaped before its grace was out"
+    finder.stray_grace = 0.0
+    await eventually(lambda: not exists(escaped), "the stray zombie to be reaped")
+    seen = sweeps
+    await eventually(lambda: sweeps > seen, "another sweep")
+    assert state_of(ours.pid) == "Z"
+    assert ours.wait(TIMEOUT) == 7  # its status was left to its own waiter
+    assert not finder.strays_waiting
+
+
 async def test_execs_ending_together_keep_their_exit_codes(
     any_runtime: ProcessRuntime, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -52,8 +52,14 @@ thread, so whatever an exec leaves behind has a child of that thread at its top.
 freezer group is no proof: a process leaves its group on its way out, a moment before it
 is a zombie.  A child that may be that of a fork under way leaves the exit undecided: no
 scan, and the next sweep looks at the exec.
-Limit: an orphan that left its session and died between two scans stays a zombie of the
-server; so do orphans of other components' children, which the subreaper now collects too.
+A zombie child that no exec claims but that is outside the server's session is reaped once
+it has stayed unreaped for 10 s: an exec's descendant that made a session of its own and
+died before any scan saw it (``setsid true &``; a zombie keeps no environment or cgroup),
+which a client could otherwise leave behind once per exec.  Limits: a zombie in the
+server's session may be the child of other code in the process and is left to its waiter,
+so orphans of other components' children that stay in it (the subreaper collects them
+too) are never reaped; and a child that other code starts in a session of its own and
+waits for only 10 s after its exit loses its status.
 
 **Pausing.**  With the freezer: every cgroup of the container is set FROZEN.  That is
 invisible to the processes, they cannot fork while freezing, and resume thaws exactly what

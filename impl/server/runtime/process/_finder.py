@@ -36,6 +36,9 @@ _KILL_ROUNDS = 8
 #: How long a pause by signals waits on a process in disk sleep before it lets the stopped
 #: ones go on for a moment and stops them again.
 _RESTOP_AFTER = 0.2
+#: How long a zombie child that no exec claims, outside the server's session, is left for a
+#: waiter of its own before it is reaped (see :meth:`ProcessFinder.reap_orphans`).
+_STRAY_GRACE = 10.0
 
 
 def end_leftovers(token: str) -> int:
@@ -104,6 +107,15 @@ class ProcessFinder:
         #: reaped here, an exec spawned or exited (the runtime counts those).  A scan taken
         #: before the count last moved is older than what is known: not to be read as the truth.
         self.changes = 0
+        self.stray_grace = _STRAY_GRACE
+        #: Zombie children no exec claims, outside the server's session, by (pid, start
+        #: ticks): when a scan first saw them.
+        self._strays_seen: dict[tuple[int, int], float] = {}
+
+    @property
+    def strays_waiting(self) -> bool:
+        """Whether a zombie that no exec claims waits out its grace (the sweep goes on)."""
+        return bool(self._strays_seen)
 
     def may_have_left(
         self,
@@ -269,9 +281,15 @@ class ProcessFinder:
         return None
 
     def reap_orphans(self, stats: Mapping[int, ProcStat], execs: Iterable[ProcessExec]) -> None:
-        """Reap zombies re-parented to the server that belong to an exec, and only those."""
+        """Reap zombies re-parented to the server that belong to an exec; and those that no
+        exec claims but left the server's session, once they have stayed unreaped for
+        :attr:`stray_grace` s.  Those are an exec's descendants that made a session of their
+        own and died before any scan saw them: a zombie keeps neither its environment nor
+        its cgroup, so nothing ties them to their exec, and a client could otherwise leave
+        the server a zombie per exec (``setsid true &``).  A child that the server's own code
+        started is in the server's session, or waited for long before the grace is out."""
         self.changes += 1
-        me = os.getpid()
+        me, session, now = os.getpid(), os.getsid(0), time.monotonic()
         known: dict[int, tuple[ProcessExec, int]] = {}
         sessions: dict[int, ProcessExec] = {}
         mains: set[int] = set()
@@ -282,6 +300,7 @@ class ProcessFinder:
                 known[pid] = (proc, start)
             if proc.session_active:
                 sessions[proc.pid] = proc
+        seen, self._strays_seen = self._strays_seen, {}
         for pid, st in stats.items():
             if st.ppid != me or st.alive or pid in mains:
                 continue
@@ -290,12 +309,21 @@ class ProcessFinder:
                 owner = entry[0]
             elif (leader := sessions.get(st.session)) and st.start_ticks >= leader.start_ticks:
                 owner = leader
-            if owner is None:
-                continue
+            elif st.session == session:
+                continue  # perhaps a child of the server's own code: its waiter's to reap
+            else:
+                stray = (pid, st.start_ticks)
+                first = self._strays_seen[stray] = seen.get(stray, now)
+                if now - first < self.stray_grace:
+                    continue
             try:
                 reaped, _, usage = os.wait4(pid, os.WNOHANG)
             except ChildProcessError:
                 continue
-            if reaped == pid:
+            if reaped != pid:
+                continue
+            if owner is not None:
                 owner.reaped.add(usage)
                 owner.known.pop(pid, None)
+            else:
+                del self._strays_seen[(pid, st.start_ticks)]

@@ -433,7 +433,7 @@ class ProcessRuntime:
             self._sweeper = loop.create_task(self._sweep_loop(), name="execstream-process-sweep")
 
     async def _sweep_loop(self) -> None:
-        while self._execs or self._graveyard:
+        while self._execs or self._graveyard or self._finder.strays_waiting:
             await asyncio.sleep(_SWEEP_INTERVAL)
             try:
                 # Off the loop thread: ~15 us a process.  Older than what was learnt meanwhile
@@ -447,7 +447,7 @@ class ProcessRuntime:
     def _sweep(self, stats: Mapping[int, ProcStat] | None = None) -> None:
         """Record escaped descendants, finish off released execs, reap orphans."""
         execs = list(self._all_execs())
-        if not execs:
+        if not execs and not self._finder.strays_waiting:
             return
         if stats is None:
             stats = scan_proc()
