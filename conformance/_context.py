@@ -124,10 +124,14 @@ class CaseContext:
         deadline: float | None = None,
         read: bool = True,
         label: str = "client",
+        settle: float = 0.0,
     ) -> SessionClient:
         """Open a Session, send ``start`` (unless None) and read in the background.
 
-        ``deadline`` is the call's gRPC deadline in seconds (default: the case's bound)."""
+        ``deadline`` is the call's gRPC deadline in seconds (default: the case's bound).
+        ``settle``: first wait up to that many seconds for the server to end the call, and
+        send ``start`` only if it has not: a server reads ``start`` first, so one that ends
+        the call before has refused it, and its status then races no write of ours."""
         if start is not None and start.command and not self.over_wire:
             raise Skip(
                 "creates an exec over the wire (Start with a command); the target's execs "
@@ -140,6 +144,12 @@ class CaseContext:
         )
         client = SessionClient(self, call, self._label(label), start)
         self._sessions.append(client)
+        if settle > 0 and start is not None:
+            client.read_in_background()
+            with contextlib.suppress(Failure):  # still open after ``settle``
+                await client.finished(within=settle)
+            if client.done:
+                return client
         if start is not None:
             if start.command:
                 self._created.append((start.container_id, start.exec_id))
@@ -163,14 +173,22 @@ class CaseContext:
     ) -> SessionClient:
         """Send ``start``, half-close, and wait for the end.  For a request the server may
         refuse before reading it (a missing token): when the refusal raced the send and the
-        status was lost (:attr:`SessionClient.status_lost`), try again."""
-        for _ in range(5):
-            client = await self.session(start, metadata=metadata, label=label)
-            await client.half_close()
+        status was lost (:attr:`SessionClient.status_lost`), try again, giving the refusal
+        longer each time to come before ``start`` is sent (on a loaded machine the race can
+        be lost time after time)."""
+        settle = 0.0
+        for attempt in range(1, 6):
+            client = await self.session(start, metadata=metadata, label=label, settle=settle)
+            if not client.done:
+                await client.half_close()
             await client.finished()
             if not client.status_lost:
                 break
-            self.log(f"   {client.label}: status lost to a send race, trying again")
+            settle = 0.25 * attempt
+            self.log(
+                f"   {client.label}: status lost to a send race, trying again; start only "
+                f"if the call is still open after {settle:g} s"
+            )
         return client
 
     async def create(

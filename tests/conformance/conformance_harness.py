@@ -230,11 +230,21 @@ class MangleProxy:
         fails, the reference server ended the call before reading it (a refused token), and
         grpc.aio may have put ``INTERNAL "Internal error from Core"`` in place of its status
         for good (grpc/grpc#36066).  Forwarding that would blame the server for grpc, so the
-        call is opened again to learn the status, as the client library does."""
-        for _ in range(_HIDDEN_STATUS_TRIES):
+        call is opened again to learn the status, as the client library does; and since on a
+        loaded machine the race can be lost time after time, each new call first gives the
+        refusal longer to come before the request is written (a server reads it first)."""
+        for attempt in range(_HIDDEN_STATUS_TRIES):
             call = self.upstream.Session(metadata=metadata)
             if first is None:
                 break
+            if attempt:
+                ended = asyncio.Event()
+                call.add_done_callback(lambda _, ended=ended: ended.set())
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.25 * attempt):
+                        await ended.wait()
+                if call.done():
+                    break  # refused before the request: its read gives the status
             try:
                 await call.write(first)
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
