@@ -58,8 +58,8 @@ died before any scan saw it (``setsid true &``; a zombie keeps no environment or
 which a client could otherwise leave behind once per exec.  Limits: a zombie in the
 server's session may be the child of other code in the process and is left to its waiter,
 so orphans of other components' children that stay in it (the subreaper collects them
-too) are never reaped; and a child that other code starts in a session of its own and
-waits for only 10 s after its exit loses its status.
+too) are never reaped; and a child that other code starts in a session of its own, and
+waits for more than 10 s after its exit, loses its status.
 
 **Pausing.**  With the freezer: every cgroup of the container is set FROZEN.  That is
 invisible to the processes, they cannot fork while freezing, and resume thaws exactly what

@@ -107,6 +107,8 @@ class ProcessFinder:
         #: reaped here, an exec spawned or exited (the runtime counts those).  A scan taken
         #: before the count last moved is older than what is known: not to be read as the truth.
         self.changes = 0
+        #: Seconds a zombie child that no exec claims, outside the server's session, is left
+        #: to a waiter of its own before it is reaped.
         self.stray_grace = _STRAY_GRACE
         #: Zombie children no exec claims, outside the server's session, by (pid, start
         #: ticks): when a scan first saw them.
@@ -134,9 +136,9 @@ class ProcessFinder:
         its main thread, so the topmost process of whatever an exec leaves behind is a child
         of that thread.  Not sure when another child may be that of a fork under way, whose
         pid is not known yet (asked after the children were read, as in
-        :func:`reap_exited_mains`).  A process in its freezer
-        group shows at once that the exec left one; an empty group proves nothing: a process
-        leaves its group on its way out, a moment before it is a zombie."""
+        :func:`reap_exited_mains`).  A process in its freezer group shows at once that the
+        exec left one; an empty group proves nothing: a process leaves its group on its way
+        out, a moment before it is a zombie."""
         left: list[ProcessExec] = []
         strays: bool | None = False
         checked = False
