@@ -6,9 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import grpc
-import grpc.aio
-from conformance_harness import MangleProxy, proxied
+from conformance_harness import HIDDEN_BY_GRPC, MangleProxy, proxied
 
 from execstream import wire
 from execstream.conformance import Verdict, run_suite, select
@@ -18,14 +16,6 @@ class HiddenFirstWrite:
     """An upstream call whose first write meets grpc's race: the write fails, and from then
     on the call's status is grpc's INTERNAL, not the server's."""
 
-    HIDDEN = grpc.aio.AioRpcError(
-        grpc.StatusCode.INTERNAL,
-        grpc.aio.Metadata(),
-        grpc.aio.Metadata(),
-        details="Internal error from Core",
-        debug_error_string='Failed "execute_batch": (SendMessageOperation,)',
-    )
-
     def __init__(self, call: Any) -> None:
         self._call = call
 
@@ -34,10 +24,10 @@ class HiddenFirstWrite:
 
     async def write(self, request: wire.SessionRequest) -> None:
         self._call.cancel()
-        raise self.HIDDEN
+        raise HIDDEN_BY_GRPC
 
     async def read(self) -> wire.SessionResponse:
-        raise self.HIDDEN
+        raise HIDDEN_BY_GRPC
 
 
 class RacyUpstream:

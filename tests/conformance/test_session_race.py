@@ -9,19 +9,12 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from conformance_harness import target_for
+from conformance_harness import HIDDEN_BY_GRPC, target_for
 
 from execstream import wire
 from execstream.conformance import select
 from execstream.conformance._context import CaseContext
 
-HIDDEN = grpc.aio.AioRpcError(
-    grpc.StatusCode.INTERNAL,
-    grpc.aio.Metadata(),
-    grpc.aio.Metadata(),
-    details="Internal error from Core",
-    debug_error_string='Failed "execute_batch": (SendMessageOperation,)',
-)
 REFUSED = grpc.aio.AioRpcError(
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.aio.Metadata(),
@@ -48,16 +41,16 @@ class RefusingCall:
         if self.done():
             raise asyncio.InvalidStateError("RPC already finished.")
         self._hidden = True
-        raise HIDDEN
+        raise HIDDEN_BY_GRPC
 
     async def done_writing(self) -> None:
         if not self.done():
             self._hidden = True
-            raise HIDDEN
+            raise HIDDEN_BY_GRPC
 
     async def read(self) -> wire.SessionResponse:
         await self._refused.wait()
-        raise HIDDEN if self._hidden else REFUSED
+        raise HIDDEN_BY_GRPC if self._hidden else REFUSED
 
     def cancel(self) -> bool:
         self._refused.set()
