@@ -926,6 +926,16 @@ def test_a_child_that_may_be_a_fork_under_way_leaves_an_exit_undecided(
     child = subprocess.Popen(["sleep", "30"])
     try:
         assert finder.may_have_left([exited], {}, set(), lambda: True) == ([], False)
+        # Undecided, an exec whose freezer group holds a process has left one.
+        grouped = cast(
+            ProcessExec, SimpleNamespace(ended=False, exit_code=0, known={}, group=Path("g"))
+        )
+        finder.freezer = cast(_freezer.Freezer, SimpleNamespace(procs=lambda group: [child.pid]))
+        assert finder.may_have_left([exited, grouped], {}, set(), lambda: True) == (
+            [grouped],
+            False,
+        )
+        finder.freezer = None
         assert finder.may_have_left([exited], {}, set(), lambda: False) == ([exited], True)
         assert finder.may_have_left([exited], {}, {child.pid}, lambda: False) == ([], True)
         main = cast(ProcessExec, SimpleNamespace(exit_code=None))

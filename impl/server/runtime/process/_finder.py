@@ -136,22 +136,23 @@ class ProcessFinder:
         its main thread, so the topmost process of whatever an exec leaves behind is a child
         of that thread.  Not sure when another child may be that of a fork under way, whose
         pid is not known yet (asked after the children were read, as in
-        :func:`reap_exited_mains`).  A process in its freezer group shows at once that the
-        exec left one; an empty group proves nothing: a process leaves its group on its way
-        out, a moment before it is a zombie."""
+        :func:`reap_exited_mains`); then an exec whose freezer group holds a process left
+        one.  An empty group proves nothing: a process leaves its group on its way out, a
+        moment before it is a zombie (and a process in the group has a child of the main
+        thread at its top, so the group is read only when the children leave it undecided)."""
         left: list[ProcessExec] = []
         strays: bool | None = False
         checked = False
         for proc in exits:
             if proc.ended:
                 continue
-            if proc.exit_code is None or proc.known or self._in_group(proc):
+            if proc.exit_code is None or proc.known:
                 left.append(proc)
                 continue
             if not checked:
                 checked = True
                 strays = self._strays(mains, forking, forks_under_way)
-            if strays:
+            if strays or (strays is None and self._in_group(proc)):
                 left.append(proc)
         return left, strays is not None
 
