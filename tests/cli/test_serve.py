@@ -39,6 +39,13 @@ def ignoring(signals: Sequence[str], argv: Sequence[str]) -> list[str]:
     return ["sh", "-c", f'trap "" {" ".join(signals)}; exec "$@"', "sh", *argv]
 
 
+def signal_masks(pid: int) -> tuple[int, int]:
+    """The signals ``pid`` ignores and those it handles, as bit masks (``/proc/PID/status``)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines())
+    return int(fields["SigIgn"], 16), int(fields["SigCgt"], 16)
+
+
 @pytest.fixture
 def serve_cli(tmp_path: Path) -> Iterator[object]:
     started: list[subprocess.Popen[str]] = []
@@ -224,11 +231,10 @@ def test_embedded_servers_stop_ignoring_signals_as_serve_does(command: list[str]
         deadline = time.monotonic() + 60
         while not handled and process.poll() is None and time.monotonic() < deadline:
             try:
-                status = Path(f"/proc/{process.pid}/status").read_text()
+                ignored, caught = signal_masks(process.pid)
             except OSError:
                 break
-            fields = dict(line.split(":", 1) for line in status.splitlines())
-            handled = not int(fields["SigIgn"], 16) & bit and bool(int(fields["SigCgt"], 16) & bit)
+            handled = not ignored & bit and bool(caught & bit)
             time.sleep(0.01)
     finally:
         _, err = process.communicate(timeout=60)
@@ -377,12 +383,10 @@ async def test_a_server_started_ignoring_signals_goes_on_ignoring_them_alone(ser
     default action (PROTOCOL 10.4) with nothing ignored left to reset before each exec."""
     served = serve_cli("--listen", "127.0.0.1:0", ignored=["HUP", "QUIT"])
     pid = served.process.pid
-    fields = dict(
-        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-    )
+    ignored, caught = signal_masks(pid)
     mask = (1 << (signal.SIGHUP - 1)) | (1 << (signal.SIGQUIT - 1))
-    assert int(fields["SigIgn"], 16) & mask == 0
-    assert int(fields["SigCgt"], 16) & mask == mask
+    assert ignored & mask == 0
+    assert caught & mask == mask
     os.kill(pid, signal.SIGHUP)
     os.kill(pid, signal.SIGQUIT)
     # dash keeps a signal it was started ignoring ignored: only a default one ends it here.
